@@ -1,0 +1,298 @@
+"""The Transformer: Llama-style blocks (RMSNorm, rotary positions, SwiGLU, grouped-query attention).
+
+Parameter names follow Hugging Face's LlamaForCausalLM (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
+`model.norm`, `lm_head`, ...), so a checkpoint maps onto transformers without renaming tricks. The same blocks
+run causal (decoder, GPT-style) or bidirectional (encoder, BERT-style). Two heads: the LM head (vocabulary
+logits) and a scalar head `score` (reward and value models).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyper-parameters, named as in Hugging Face's LlamaConfig."""
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    intermediate_size: int = 0          # 0 -> SwiGLU default, about 8/3 * hidden rounded up to 64
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    is_causal: bool = True              # False: bidirectional encoder (BERT-style MLM, encoder reward model)
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise LmforgeError("config key 'model.hidden_size' must be divisible by model.num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise LmforgeError("config key 'model.num_key_value_heads' must divide model.num_attention_heads")
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise LmforgeError("config key 'model.hidden_size': head dim must be even for rotary embeddings")
+        for k in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
+            if getattr(self, k) <= 0:
+                raise LmforgeError(f"config key 'model.{k}' must be positive")
+        if self.intermediate_size == 0:
+            self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 for stability under bf16 autocast (as Llama does).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (B, 1, T, head_dim) for the given positions (HF Llama's half-split layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq          # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]           # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Pre-allocated keys/values per layer for incremental decoding. `length` = positions filled so far."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k, v):
+        t0, t1 = self.length, self.length + k.shape[2]
+        if t1 > self.max_len:
+            raise LmforgeError(f"KV cache overflow: {t1} > {self.max_len} positions")
+        self.k[layer][:, :, t0:t1] = k
+        self.v[layer][:, :, t0:t1] = v
+        return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (drop finished sequences)."""
+        self.k = [k[index] for k in self.k]
+        self.v = [v[index] for v in self.v]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, nh * hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
+        self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        hd, nh, nkv = self.cfg.head_dim, self.cfg.num_attention_heads, self.cfg.num_key_value_heads
+        q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if nkv != nh:  # grouped-query attention: each K/V head serves nh/nkv query heads
+            k = k.repeat_interleave(nh // nkv, dim=1)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+        p = self.cfg.dropout if self.training else 0.0
+        if mask is None:  # plain causal / full attention: let SDPA pick its fastest kernel
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.cfg.is_causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks and final norm: HF's `LlamaModel` (prefix `model.`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past_len: int, causal: bool,
+                         segment_ids: torch.Tensor | None = None, device=None) -> torch.Tensor | None:
+    """Boolean (B, 1, q_len, past_len + q_len) mask, True = may attend.
+
+    attention_mask: (B, past_len + q_len), 1 for real tokens, 0 for padding (left or right).
+    segment_ids: (B, q_len) packed-record ids; attention never crosses records.
+    Each query may always attend to itself, so rows of padding never become all-False (NaN in softmax).
+    Returns None when no masking beyond plain causality is needed (fast SDPA path).
+    """
+    if attention_mask is None and segment_ids is None and past_len == 0:
+        return None
+    if attention_mask is None and segment_ids is None and not causal:
+        return None
+    if device is None:
+        device = (attention_mask if attention_mask is not None else segment_ids).device
+    k_len = past_len + q_len
+    q_pos = torch.arange(past_len, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    mask = (k_pos <= q_pos) if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    mask = mask[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return mask | (k_pos == q_pos)[None, None]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids cumsum(mask) - 1 (clamped at 0), so left padding does not shift real positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Transformer(nn.Module):
+    """A decoder or encoder with an LM head (`head="lm"`), a scalar head (`head="scalar"`), or both."""
+
+    def __init__(self, cfg: ModelConfig, head: str = "lm"):
+        super().__init__()
+        if head not in ("lm", "scalar", "both"):
+            raise ValueError(f"unknown head {head!r}")
+        cfg.validate()
+        self.config, self.head = cfg, head
+        self.model = Backbone(cfg)
+        if head in ("lm", "both"):
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            if cfg.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
+        if head in ("scalar", "both"):
+            self.score = nn.Linear(cfg.hidden_size, 1, bias=True)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2L)
+            if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+                nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.num_hidden_layers))
+        if head in ("scalar", "both"):
+            self.init_scalar_head()
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, self.config.init_std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def init_scalar_head(self) -> None:
+        """Reward/value head init N(0, 1/sqrt(d_model + 1)), bias 0 (as in the N+ implementation details)."""
+        nn.init.normal_(self.score.weight, 0.0, 1.0 / math.sqrt(self.config.hidden_size + 1))
+        nn.init.zeros_(self.score.bias)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
+                      cache: KVCache | None = None):
+        """Final normalised hidden states (B, T, d).
+
+        attention_mask covers past + new positions when a cache is used. position_ids default to
+        cumsum(mask) - 1 so left-padded rows give the same results as the row alone.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.max_position_embeddings:
+            raise LmforgeError(f"sequence length {past + T} exceeds the model's maximum "
+                               f"{self.config.max_position_embeddings}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = build_attention_mask(attention_mask, T, past, self.config.is_causal, segment_ids, input_ids.device)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None):
+        """LM logits (B, T, V) for an LM head, else scalar scores (B, T)."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache)
+        if self.head == "scalar":
+            return self.score(h).squeeze(-1)
+        return self.lm_head(h)
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scalar head on hidden states: (B, T, d) -> (B, T)."""
+        return self.score(hidden).squeeze(-1)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM appendix B; N without embeddings)."""
+        c = self.config
+        return 6 * self.num_params(exclude_embeddings=True) + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+
+
+def gather_last(values: torch.Tensor, lengths_or_index: torch.Tensor) -> torch.Tensor:
+    """values (B, T[, ...]) at index (B,) per row: e.g. the reward at the last real token."""
+    idx = lengths_or_index.long()
+    return values[torch.arange(values.shape[0], device=values.device), idx]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token in each row, for left- or right-padded (or unpadded) batches."""
+    T = attention_mask.shape[1]
+    pos = torch.arange(T, device=attention_mask.device)[None].expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values

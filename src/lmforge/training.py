@@ -1,0 +1,291 @@
+"""The one small training loop every supervised stage (pretrain, SFT, reward model) runs on, and the pieces PPO
+reuses: optimizer groups, learning-rate schedule, precision, seeding, distributed set-up, metrics logging.
+
+Data position is a pure function of the step (batches are drawn from a generator seeded by (seed, step)), so
+`--resume` from a checkpoint reproduces the uninterrupted run exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine (or constant) decay."""
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+    def validate(self) -> None:
+        if self.max_steps <= 0:
+            raise LmforgeError("config key 'optim.max_steps' must be positive")
+        if self.grad_accum <= 0:
+            raise LmforgeError("config key 'optim.grad_accum' must be positive")
+        if self.lr <= 0:
+            raise LmforgeError("config key 'optim.lr' must be positive")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms, biases or the scalar head's bias)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if next(model.parameters()).is_cuda else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Learning rate at `step` (0-based): linear warmup, then cosine decay to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LmforgeError(f"device '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; fp32 on CPU (bf16 matmul on CPUs is hundreds of times slower)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """RNG states as tensors/lists only, so the training state loads with weights_only=True."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
+    """A generator for the data of one micro-batch: the data position is a function of the step alone."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step * 1009 + micro * 101 + rank * 100003) % (2**63))
+    return g
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def measure_cpu_matmul_peak(n: int = 1024, seconds: float = 0.5) -> float:
+    """fp32 FLOP/s of an n x n matmul on this CPU, measured now (the CPU MFU denominator)."""
+    g = torch.Generator().manual_seed(0)  # a private generator: measuring must not move the training RNG
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a @ b
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12, "4090": 165e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak for known GPUs; the measured fp32 matmul peak on CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+    return measure_cpu_matmul_peak()
+
+
+class MetricsLogger:
+    """Append metrics to OUT/metrics.jsonl; mirror to TensorBoard or Weights & Biases when asked and installed."""
+
+    def __init__(self, out_dir: str | Path, backend: str = "none", run_name: str = "lmforge", enabled: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if backend == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+            except ImportError:
+                print("tensorboard is not installed; logging to metrics.jsonl only")
+        elif backend == "wandb":
+            try:
+                import wandb
+                self.wandb = wandb.init(project="lmforge", name=run_name)
+            except ImportError:
+                print("wandb is not installed; logging to metrics.jsonl only")
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:  # reopened per line: survives checkpoint swaps
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                if self.tb is not None:
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@dataclass
+class LoopHooks:
+    """What a stage plugs into `train_loop`.
+
+    micro_batch(step, micro, dist) -> batch     deterministic in (step, micro): resume is exact
+    loss(model, batch) -> (loss, metrics, n_tokens)
+    evaluate(model, step) -> metrics            optional, every eval_every steps and at the end
+    save(model, training_state, final)          writes the checkpoint (atomically)
+    """
+    micro_batch: Callable
+    loss: Callable
+    save: Callable
+    evaluate: Callable | None = None
+
+
+def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks, out_dir: str | Path,
+               device: torch.device, resume_state: dict | None = None, eval_every: int = 0, save_every: int = 0,
+               log_every: int = 10, flops_per_token: float | None = None, logger: MetricsLogger | None = None,
+               dist_info: DistInfo | None = None, progress: bool = True, desc: str = "train") -> list[dict]:
+    """Run optimizer steps `start..max_steps` with accumulation, clipping, schedule, logging, eval and saves.
+
+    Returns the per-step log records (loss, lr, tokens/s, MFU and any stage metrics).
+    """
+    from tqdm import tqdm
+
+    dist_info = dist_info or DistInfo()
+    logger = logger or MetricsLogger(out_dir, enabled=dist_info.is_main)
+    raw_model = model
+    if dist_info.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+    optimizer = build_optimizer(raw_model, optim_cfg)
+    start = 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        start = int(resume_state["step"])
+        set_rng_state(resume_state["rng"])
+    peak = device_peak_flops(device) if flops_per_token else None
+    history: list[dict] = []
+    model.train()
+    bar = tqdm(range(start, optim_cfg.max_steps), initial=start, total=optim_cfg.max_steps, desc=desc,
+               disable=not (progress and dist_info.is_main), dynamic_ncols=True, leave=False)
+    t_last = time.perf_counter()
+    for step in bar:
+        lr = lr_at(step, optim_cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        total_loss, n_tokens, metrics_sum = 0.0, 0, {}
+        for micro in range(optim_cfg.grad_accum):
+            batch = hooks.micro_batch(step, micro, dist_info)
+            sync = micro == optim_cfg.grad_accum - 1 or dist_info.world_size == 1
+            ctx = contextlib.nullcontext() if sync else model.no_sync()
+            with ctx, autocast(device):
+                loss, metrics, ntok = hooks.loss(model, batch)
+            if not torch.isfinite(loss):
+                raise LmforgeError(f"non-finite loss at step {step}: lower the learning rate (optim.lr)")
+            (loss / optim_cfg.grad_accum).backward()
+            total_loss += loss.item() / optim_cfg.grad_accum
+            n_tokens += ntok
+            for k, v in metrics.items():
+                metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / optim_cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        tok_s = n_tokens * dist_info.world_size / dt
+        rec = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s, **metrics_sum}
+        if peak and flops_per_token:
+            rec["mfu"] = flops_per_token * n_tokens / dt / peak
+        done = step + 1
+        if hooks.evaluate is not None and eval_every and (done % eval_every == 0 or done == optim_cfg.max_steps):
+            rec.update(hooks.evaluate(raw_model, done))
+            model.train()
+        history.append({"step": done, **rec})
+        if done % log_every == 0 or done == optim_cfg.max_steps or "val_loss" in rec:
+            logger.log(done, rec)
+        bar.set_postfix(loss=f"{total_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
+                        **({"mfu": f"{rec['mfu']:.0%}"} if "mfu" in rec else {}))
+        final = done == optim_cfg.max_steps
+        if dist_info.is_main and ((save_every and done % save_every == 0) or final):
+            hooks.save(raw_model, {"optimizer": optimizer.state_dict(), "step": done, "rng": rng_state()}, final)
+    bar.close()
+    return history

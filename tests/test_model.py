@@ -1,0 +1,104 @@
+"""Transformer: causality, bidirectionality, KV cache, padding invariance, parameter names."""
+
+import torch
+
+from lmforge.generation import SamplingParams, generate, left_pad
+from lmforge.model import KVCache, Transformer, build_attention_mask, last_token_index
+from tests.conftest import tiny_config
+
+
+def _model(causal=True, **kw):
+    torch.manual_seed(0)
+    return Transformer(tiny_config(causal=causal, **kw)).eval()
+
+
+def test_decoder_is_causal():
+    model = _model()
+    x = torch.randint(0, 400, (2, 16))
+    base = model(x)
+    for t in (3, 9, 15):
+        y = x.clone()
+        y[:, t] = (y[:, t] + 1) % 400
+        out = model(y)
+        assert torch.allclose(out[:, :t], base[:, :t], atol=1e-5)
+        assert not torch.allclose(out[:, t:], base[:, t:], atol=1e-5)
+
+
+def test_encoder_is_bidirectional():
+    model = _model(causal=False)
+    x = torch.randint(0, 400, (2, 16))
+    base = model(x)
+    y = x.clone()
+    y[:, 10] = (y[:, 10] + 1) % 400
+    out = model(y)
+    assert not torch.allclose(out[:, :10], base[:, :10], atol=1e-5)  # earlier positions see the change
+
+
+def test_left_padded_batch_matches_each_sequence_alone():
+    model = _model()
+    seqs = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15]]
+    ids, mask = left_pad(seqs, pad_id=0)
+    batched = model(ids, attention_mask=mask)
+    for i, s in enumerate(seqs):
+        alone = model(torch.tensor([s]))
+        assert torch.allclose(batched[i, -len(s):], alone[0], atol=1e-5)
+
+
+def test_right_padded_batch_matches_and_last_index():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(), head="scalar").eval()
+    seqs = [[5, 6, 7, 8], [9, 10]]
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    out = model(ids, attention_mask=mask)
+    assert last_token_index(mask).tolist() == [3, 1]
+    assert last_token_index(torch.tensor([[0, 0, 1, 1]])).tolist() == [3]
+    for i, s in enumerate(seqs):
+        alone = model(torch.tensor([s]))
+        assert torch.allclose(out[i, :len(s)], alone[0], atol=1e-5)
+
+
+def test_kv_cache_logits_equal_full_forward():
+    model = _model()
+    x = torch.randint(0, 400, (1, 12))
+    full = model(x)
+    cache = KVCache(model.config, 1, 12, "cpu", torch.float32)
+    first = model(x[:, :5], cache=cache)
+    steps = [model(x[:, t:t + 1], cache=cache) for t in range(5, 12)]
+    assert torch.allclose(torch.cat([first] + steps, 1), full, atol=1e-5)
+
+
+def test_kv_cache_greedy_equals_no_cache_greedy():
+    model = _model()
+    prompts = [[1, 5, 9, 33], [1, 7]]
+    out = generate(model, prompts, SamplingParams(max_new_tokens=12, temperature=0), stop_ids=[2], pad_id=0)
+    for p, toks in zip(prompts, out.tokens):
+        seq = list(p)
+        for _ in range(len(toks)):  # recompute the whole context each step, no cache, no padding
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        assert seq[len(p):] == toks
+
+
+def test_segment_mask_blocks_cross_record_attention():
+    seg = torch.tensor([[0, 0, 1, 1, 1]])
+    m = build_attention_mask(None, 5, 0, True, seg)[0, 0]
+    assert m[3].tolist() == [False, False, True, True, False]
+    assert m[1].tolist() == [True, True, False, False, False]
+
+
+def test_parameter_names_follow_hf_llama():
+    names = set(Transformer(tiny_config(), head="both").state_dict())
+    for n in ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+              "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+              "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight",
+              "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+              "model.norm.weight", "lm_head.weight", "score.weight", "score.bias"]:
+        assert n in names
+    assert not any(n.endswith("bias") and not n.startswith("score") for n in names)
+
+
+def test_scalar_head_init():
+    torch.manual_seed(0)
+    m = Transformer(tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=4), head="scalar")
+    assert torch.all(m.score.bias == 0)
+    assert abs(m.score.weight.std().item() - 1 / 257 ** 0.5) < 0.02
