@@ -58,7 +58,7 @@ def record_to_messages(rec, require_response: bool = True) -> list[dict]:
         for key in ("instruction", "input", "output"):
             if key in low and low[key] is not None and not isinstance(low[key], str):
                 raise ValueError(f"field '{key}' must be a string")
-        instruction, inp = low["instruction"], low.get("input") or ""
+        instruction, inp = low["instruction"] or "", low.get("input") or ""
         if not instruction.strip():
             raise ValueError("empty 'instruction'")
         msgs = [{"role": "user", "content": format_instruction(instruction, inp)}]

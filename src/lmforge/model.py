@@ -280,9 +280,12 @@ class Transformer(nn.Module):
         return self.score(hidden).squeeze(-1)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM appendix B; N without embeddings)."""
+        """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM appendix B; N without the embedding lookup)."""
         c = self.config
-        return 6 * self.num_params(exclude_embeddings=True) + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+        n = self.num_params(exclude_embeddings=True)
+        if c.tie_word_embeddings and self.head != "scalar":
+            n += self.lm_head.weight.numel()  # tied: one tensor, but the LM head's matmul still costs FLOPs
+        return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
 
 
 def gather_last(values: torch.Tensor, lengths_or_index: torch.Tensor) -> torch.Tensor:

@@ -224,9 +224,12 @@ class LoopHooks:
 def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks, out_dir: str | Path,
                device: torch.device, resume_state: dict | None = None, eval_every: int = 0, save_every: int = 0,
                log_every: int = 10, flops_per_token: float | None = None, logger: MetricsLogger | None = None,
-               dist_info: DistInfo | None = None, progress: bool = True, desc: str = "train") -> list[dict]:
+               dist_info: DistInfo | None = None, progress: bool = True, desc: str = "train",
+               stop_step: int = 0) -> list[dict]:
     """Run optimizer steps `start..max_steps` with accumulation, clipping, schedule, logging, eval and saves.
 
+    stop_step > 0 ends the run early after that step, with a checkpoint (for time-limited or preemptible
+    jobs); the schedule still spans max_steps, so `--resume` continues exactly where it stopped.
     Returns the per-step log records (loss, lr, tokens/s, MFU and any stage metrics).
     """
     from tqdm import tqdm
@@ -245,7 +248,8 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
     peak = device_peak_flops(device) if flops_per_token else None
     history: list[dict] = []
     model.train()
-    bar = tqdm(range(start, optim_cfg.max_steps), initial=start, total=optim_cfg.max_steps, desc=desc,
+    end = min(stop_step, optim_cfg.max_steps) if stop_step > 0 else optim_cfg.max_steps
+    bar = tqdm(range(start, end), initial=start, total=optim_cfg.max_steps, desc=desc,
                disable=not (progress and dist_info.is_main), dynamic_ncols=True, leave=False)
     t_last = time.perf_counter()
     for step in bar:
@@ -285,7 +289,8 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
         bar.set_postfix(loss=f"{total_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
                         **({"mfu": f"{rec['mfu']:.0%}"} if "mfu" in rec else {}))
         final = done == optim_cfg.max_steps
-        if dist_info.is_main and ((save_every and done % save_every == 0) or final):
+        if dist_info.is_main and ((save_every and done % save_every == 0) or final or done == end):
             hooks.save(raw_model, {"optimizer": optimizer.state_dict(), "step": done, "rng": rng_state()}, final)
+        t_last = time.perf_counter()  # time the next step alone, not this step's eval and save
     bar.close()
     return history

@@ -1,0 +1,146 @@
+"""Pretraining throughput: tokens/s and MFU of full training steps (forward, backward, clip, AdamW).
+
+FLOPs per token = 6N + 12*L*H*Q*T (PaLM appendix B; `Transformer.flops_per_token`). MFU is measured against
+the fp32 matmul peak of this CPU, measured in the same run (one 2048 x 2048 matmul right after each timed step,
+so that on a shared machine both see the same load; median of all), or a GPU's dense bf16 peak (table in
+lmforge.training). On a busy machine the best step / best matmul ratio is the steadier figure.
+
+    python benchmarks/pretrain_throughput.py                       # CPU, 6 layers x 384 wide, seq 256
+    python benchmarks/pretrain_throughput.py --device cuda --compile --batch-size 64
+    python benchmarks/pretrain_throughput.py --profile             # torch.profiler table of the hot ops
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.model import ModelConfig, Transformer
+from lmforge.training import OptimConfig, autocast, build_optimizer, device_peak_flops, pick_device
+
+
+def matmul_flops(device: torch.device, n: int = 2048, repeats: int = 7) -> list[float]:
+    """FLOP/s of single n x n matmuls (fp32 on CPU, bf16 on CUDA), one sample per repeat."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    out = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i:  # the first is warm-up
+            out.append(2 * n**3 / (time.perf_counter() - t0))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--batch-size", type=int, default=0, help="default: 8 on CPU, 64 on GPU")
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--width", type=int, default=384)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--tie", action="store_true", help="tie input and output embeddings (GPT-2 style)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
+    args = p.parse_args()
+
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch = args.batch_size or (64 if device.type == "cuda" else 8)
+    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.seq,
+                      tie_word_embeddings=args.tie)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device)
+    fpt = model.flops_per_token(args.seq)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-4))
+    step_model = torch.compile(model) if args.compile else model
+    x = torch.randint(0, args.vocab, (batch, args.seq + 1), device=device)
+    inputs, targets = x[:, :-1], x[:, 1:]
+
+    def loss_fn(inputs, targets):
+        with autocast(device):
+            logits = step_model(inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def step():
+        loss = loss_fn(inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    warm_s = time.perf_counter() - t0
+    times, peaks = [], []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if device.type == "cpu":  # one matmul right after each step: both see the same load on a shared machine
+            peaks += matmul_flops(device, repeats=1)
+    tokens = batch * args.seq
+    achieved = [tokens * fpt / t for t in times]
+    if device.type == "cpu":
+        peak = statistics.median(peaks)
+        peak_name = f"fp32 2048^3 matmul measured after each step, median of {len(peaks)}"
+    else:
+        peak = device_peak_flops(device)
+        peak_name = f"{torch.cuda.get_device_name(device)} dense bf16 (datasheet)"
+        measured = statistics.median(matmul_flops(device, n=8192, repeats=5))
+    dt = statistics.median(times)
+    tok_s = tokens / dt
+
+    print(f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"device {torch.cuda.get_device_name(device)}")
+    print(f"model: {args.layers} layers x {args.width} wide, {args.heads} heads, seq {args.seq}, vocab {args.vocab}, "
+          f"{model.num_params() / 1e6:.2f}M params; batch {batch}; compile {args.compile}")
+    print(f"FLOPs per token (6N + 12LHQT): {fpt / 1e6:.1f}M; warm-up {args.warmup} steps in {warm_s:.1f}s")
+    print(f"step time median {dt * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}) over {args.steps} steps")
+    print(f"throughput: {tok_s:,.0f} tokens/s = {tokens * fpt / dt / 1e9:,.1f} GFLOP/s (median step)")
+    if peak:
+        print(f"peak: {peak / 1e9:,.1f} GFLOP/s ({peak_name})")
+        print(f"MFU: {tokens * fpt / dt / peak:.1%}  (ratio median achieved / peak = {tokens * fpt / dt / peak:.3f})")
+    if device.type == "cpu":
+        paired = statistics.median(a / p for a, p in zip(achieved, peaks))
+        print(f"ratio per step (step / the matmul right after it), median: {paired:.3f}; "
+              f"best step / best matmul: {max(achieved) / max(peaks):.3f} "
+              f"({max(achieved) / 1e9:.1f} / {max(peaks) / 1e9:.1f} GFLOP/s)")
+    if device.type == "cuda":
+        print(f"measured bf16 8192^3 matmul: {measured / 1e12:.0f} TFLOP/s; achieved / measured = {achieved / measured:.3f}")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step()
+            _sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""Token data for pretraining: `lmforge data prepare` turns raw text into flat token shards, `TokenShards` reads them.
+
+A prepared directory holds `manifest.json`, a copy of the tokenizer, and per split (train, val) flat binary
+shards of token ids (uint16 when the vocabulary fits, else uint32) that np.memmap opens without loading.
+Each document is stored as [BOS] ids [EOS], so a model sees where documents start and end. The corpus is
+streamed in chunks of documents, so it may be larger than RAM. The train/val split is per document and a pure
+function of the document's index (a hash), so re-running prepare gives byte-identical output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.tokenizer import Tokenizer, iter_documents
+
+MANIFEST = "manifest.json"
+FORMAT = "lmforge-tokens-v1"
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (vocab_size <= 65535), else uint32: half the disk and page cache."""
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+
+
+def is_val_document(index: int, val_fraction: float) -> bool:
+    """Deterministic per-document split: a splitmix64 hash of the document index, compared with the fraction."""
+    z = (index + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z ^= z >> 31
+    return z / 2.0**64 < val_fraction
+
+
+class _ShardWriter:
+    """Appends token arrays to `{split}_{k:06d}.bin`, starting a new shard once one holds >= shard_tokens.
+
+    Shards only ever end between appends, so they end on document boundaries.
+    """
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.shards: list[dict] = []  # [{"file", "tokens"}]
+        self.fh = None
+        self.documents = self.tokens = self.bytes = 0
+        self.last_doc: tuple[np.ndarray, int] | None = None  # (tokens, utf-8 bytes) of the last document
+
+    def append(self, docs: list[np.ndarray], n_bytes: list[int]) -> None:
+        if not docs:
+            return
+        if self.fh is None:
+            name = f"{self.split}_{len(self.shards):06d}.bin"
+            self.fh = open(self.directory / name, "wb")
+            self.shards.append({"file": name, "tokens": 0})
+        data = np.concatenate(docs).astype(self.dtype, copy=False)
+        self.fh.write(data.tobytes())
+        self.shards[-1]["tokens"] += len(data)
+        self.documents += len(docs)
+        self.tokens += len(data)
+        self.bytes += sum(n_bytes)
+        self.last_doc = (docs[-1], n_bytes[-1])
+        if self.shards[-1]["tokens"] >= self.shard_tokens:
+            self.close()
+
+    def pop_last(self) -> tuple[np.ndarray, int]:
+        """Remove the last document appended (used to give an otherwise empty val split one document)."""
+        self.close()
+        doc, n_bytes = self.last_doc
+        shard = self.shards[-1]
+        path = self.directory / shard["file"]
+        shard["tokens"] -= len(doc)
+        if shard["tokens"] == 0:
+            path.unlink()
+            self.shards.pop()
+        else:
+            with open(path, "r+b") as f:
+                f.truncate(shard["tokens"] * self.dtype.itemsize)
+        self.documents -= 1
+        self.tokens -= len(doc)
+        self.bytes -= n_bytes
+        self.last_doc = None
+        return doc, n_bytes
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+    def summary(self) -> dict:
+        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "shards": self.shards}
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise LmforgeError(f"{out}: exists and is not a prepared data directory; choose another --out")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Publish the finished temp directory as `out`, replacing a previous prepared directory."""
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _file_sha(paths: list[Path]) -> str:
+    sha = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                sha.update(block)
+    return sha.hexdigest()
+
+
+def _encode_chunk(tok: Tokenizer, texts: list[str], first_index: int,
+                  val_fraction: float) -> dict[str, tuple[list[np.ndarray], list[int]]]:
+    """Per split: the chunk's documents as [BOS] ids [EOS] arrays, and their UTF-8 byte counts."""
+    parts: dict[str, tuple[list, list]] = {s: ([], []) for s in SPLITS}
+    for i, (text, ids) in enumerate(zip(texts, tok.encode_batch(texts))):  # encode_batch: parallel Rust threads
+        split = "val" if is_val_document(first_index + i, val_fraction) else "train"
+        doc = np.empty(len(ids) + 2, dtype=np.int64)
+        doc[0], doc[1:-1], doc[-1] = tok.special.bos, ids, tok.special.eos
+        parts[split][0].append(doc)
+        parts[split][1].append(len(text.encode("utf-8")))
+    return parts
+
+
+def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: str | Path,
+                 val_fraction: float = 0.005, chunk_docs: int = 1024, shard_tokens: int = 100_000_000,
+                 verbose: bool = False) -> dict:
+    """Tokenize `inputs` (.txt / .jsonl / .gz, see `iter_documents`) into token shards under `out_dir`.
+
+    Returns the manifest. Written atomically: on any error no output directory is left behind.
+    """
+    if not inputs:
+        raise LmforgeError("no --input files given")
+    if not 0.0 <= val_fraction < 1.0:
+        raise LmforgeError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if chunk_docs <= 0 or shard_tokens <= 0:
+        raise LmforgeError("chunk_docs and shard_tokens must be positive")
+    for p in inputs:  # fail fast on a missing file, before tokenizing the others
+        if not Path(p).is_file():
+            raise LmforgeError(f"{p}: input file not found")
+    tok = Tokenizer.load(tokenizer_dir)
+    out = Path(out_dir)
+    _check_out_dir(out)
+    dtype = token_dtype(tok.vocab_size)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    t0 = time.perf_counter()
+    writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
+    try:
+        n_docs = 0
+
+        def flush(texts: list[str]) -> int:
+            for split, (docs, n_bytes) in _encode_chunk(tok, texts, n_docs, val_fraction).items():
+                writers[split].append(docs, n_bytes)
+            return n_docs + len(texts)
+
+        chunk: list[str] = []
+        t_print = t0
+        for text in iter_documents(inputs):
+            chunk.append(text)
+            if len(chunk) == chunk_docs:
+                n_docs = flush(chunk)
+                chunk = []
+                if verbose and time.perf_counter() - t_print > 5:
+                    t_print = time.perf_counter()
+                    done = writers["train"].tokens + writers["val"].tokens
+                    print(f"{n_docs:,} documents, {done:,} tokens, {done / (t_print - t0):,.0f} tokens/s", flush=True)
+        n_docs = flush(chunk)
+        # A tiny corpus may hash no document into val; give val the last document so evaluation has data.
+        if val_fraction > 0 and writers["val"].documents == 0 and writers["train"].documents >= 2:
+            doc, n_bytes = writers["train"].pop_last()
+            writers["val"].append([doc], [n_bytes])
+        for w in writers.values():
+            w.close()
+        splits = {s: w.summary() for s, w in writers.items()}
+        shard_paths = [tmp / sh["file"] for s in SPLITS for sh in splits[s]["shards"]]
+        manifest = {
+            "format": FORMAT,
+            "dtype": dtype.name,
+            "vocab_size": tok.vocab_size,
+            "bos_id": tok.special.bos,
+            "eos_id": tok.special.eos,
+            "tokenizer_fingerprint": tok.fingerprint(),
+            "val_fraction": val_fraction,
+            "inputs": [str(p) for p in inputs],
+            "splits": splits,
+            "fingerprint": _file_sha(shard_paths)[:16],
+        }
+        tok.save(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        _swap_into_place(tmp, out)
+    finally:
+        for w in writers.values():
+            w.close()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(splits[s]["tokens"] for s in SPLITS)
+    n_bytes = sum(splits[s]["bytes"] for s in SPLITS)
+    manifest["seconds"] = seconds
+    manifest["tokens_per_s"] = n_tokens / max(seconds, 1e-9)
+    manifest["mb_per_s"] = n_bytes / 1e6 / max(seconds, 1e-9)
+    return manifest
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """The manifest of a prepared directory; errors name the file."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise LmforgeError(f"{path}: not found (prepare the data with `lmforge data prepare`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LmforgeError(f"{path}: not an {FORMAT} manifest")
+    return manifest
+
+
+class TokenShards:
+    """Read-only view of one split of a prepared directory (memory-mapped; nothing is loaded up front)."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        if split not in SPLITS:
+            raise LmforgeError(f"unknown split '{split}' (expected one of {list(SPLITS)})")
+        self.dir = Path(data_dir)
+        self.manifest = read_manifest(self.dir)
+        self.split = split
+        self.dtype = np.dtype(self.manifest["dtype"])
+        info = self.manifest["splits"][split]
+        self.documents, self.bytes = info["documents"], info["bytes"]
+        self.shards: list[np.ndarray] = []
+        for sh in info["shards"]:
+            path = self.dir / sh["file"]
+            expected = sh["tokens"] * self.dtype.itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                raise LmforgeError(f"{path}: missing or truncated shard (expected {expected} bytes)")
+            self.shards.append(np.memmap(path, dtype=self.dtype, mode="r"))
+        self.num_tokens = sum(len(s) for s in self.shards)
+        self._starts: dict[int, np.ndarray] = {}
+
+    def max_window(self) -> int:
+        """Largest seq_len for which `sample_batch` can draw a window (longest shard minus one)."""
+        return max((len(s) for s in self.shards), default=0) - 1
+
+    def sample_batch(self, generator: torch.Generator, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows of seq_len + 1 tokens -> (x, y) int64 of shape (batch_size, seq_len), y = x shifted by one.
+
+        Every window start in every shard is equally likely; the draw depends only on `generator`.
+        """
+        if seq_len not in self._starts:  # cumulative count of valid window starts per shard
+            counts = np.array([max(0, len(s) - seq_len) for s in self.shards], dtype=np.int64)
+            self._starts[seq_len] = np.cumsum(counts)
+        cum = self._starts[seq_len]
+        total = int(cum[-1]) if len(cum) else 0
+        if total == 0:
+            raise LmforgeError(f"{self.dir}: the {self.split} split has no shard of more than {seq_len} tokens "
+                               f"(lower seq_len or prepare more data)")
+        picks = torch.randint(total, (batch_size,), generator=generator).numpy()
+        shard_idx = np.searchsorted(cum, picks, side="right")
+        buf = np.empty((batch_size, seq_len + 1), dtype=np.int64)
+        for row, (k, g) in enumerate(zip(shard_idx, picks)):
+            start = g - (cum[k - 1] if k > 0 else 0)
+            buf[row] = self.shards[k][start:start + seq_len + 1]
+        t = torch.from_numpy(buf)
+        return t[:, :-1], t[:, 1:]
+
+    def iter_batches(self, batch_size: int, seq_len: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The split in order, for evaluation: every token after the first of each shard is a target exactly once.
+
+        Full windows come in batches of up to batch_size rows; a shard's shorter tail comes as its own batch.
+        """
+        for shard in self.shards:
+            n_windows = (len(shard) - 1) // seq_len
+            for b0 in range(0, n_windows, batch_size):
+                rows = min(batch_size, n_windows - b0)
+                chunk = np.asarray(shard[b0 * seq_len: (b0 + rows) * seq_len + 1], dtype=np.int64)
+                x = torch.from_numpy(chunk[:-1].reshape(rows, seq_len))
+                y = torch.from_numpy(chunk[1:].reshape(rows, seq_len))
+                yield x, y
+            tail = len(shard) - 1 - n_windows * seq_len
+            if tail > 0:
+                chunk = torch.from_numpy(np.asarray(shard[n_windows * seq_len:], dtype=np.int64))
+                yield chunk[None, :-1], chunk[None, 1:]
+
+
+def cli(argv: list[str]) -> None:
+    """`lmforge data prepare --input FILE... --tokenizer DIR --out DIR [--val-fraction F]`."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="lmforge data")
+    sub = p.add_subparsers(dest="action", required=True)
+    prep = sub.add_parser("prepare", help="tokenize .txt/.jsonl(.gz) files into token shards for pretraining")
+    prep.add_argument("--input", nargs="+", required=True, help="corpus files (.txt: blank-line separated documents; "
+                                                                 ".jsonl: one {\"text\": ...} per line; .gz forms)")
+    prep.add_argument("--tokenizer", required=True, help="tokenizer directory (lmforge tokenizer train)")
+    prep.add_argument("--out", required=True, help="output directory")
+    prep.add_argument("--val-fraction", type=float, default=0.005, help="fraction of documents held out (default 0.005)")
+    prep.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default 100M)")
+    args = p.parse_args(argv)
+    m = prepare_data(args.input, args.tokenizer, args.out, args.val_fraction, shard_tokens=args.shard_tokens,
+                     verbose=True)
+    tr, va = m["splits"]["train"], m["splits"]["val"]
+    print(f"prepared {args.out}: train {tr['tokens']:,} tokens ({tr['documents']:,} docs, {len(tr['shards'])} shards), "
+          f"val {va['tokens']:,} tokens ({va['documents']:,} docs), dtype {m['dtype']}")
+    print(f"{m['seconds']:.1f}s, {m['tokens_per_s']:,.0f} tokens/s, {m['mb_per_s']:.2f} MB/s")

@@ -1,0 +1,167 @@
+"""RL rollouts: read prompts, sample responses with the KV cache, and score them (policy and reference
+log-probs, critic values, reward-model scores), all on one padded batch layout:
+
+    input_ids = [left-padded prompt (P columns)] + [right-padded response (R columns)]
+
+Response token t sits at column P + t and is predicted from column P + t - 1, so log-probs and values of the
+response are read from columns P - 1 .. P + R - 2. Masks come from lengths, never from `ids != pad`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from lmforge.chat import record_to_messages, render_prompt, stop_ids
+from lmforge.errors import LmforgeError
+from lmforge.generation import SamplingParams, generate, left_pad
+from lmforge.model import Transformer
+from lmforge.rl_utils import logprobs_from_logits
+from lmforge.tokenizer import Tokenizer
+
+# reward_fn(prompt_texts, response_texts, response_ids) -> one float per response. prompt_texts are the last
+# user turns, response_texts the decoded responses (without the stop token), response_ids the sampled ids.
+RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed record) of every non-blank line; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LmforgeError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LmforgeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+
+
+@dataclass
+class Prompt:
+    ids: list[int]   # rendered chat prompt ending with the <|assistant|> role token
+    text: str        # the last user turn (what a reward function or a sample log shows)
+
+
+def load_prompts(path: str | Path, tok: Tokenizer, max_new_tokens: int, contexts: dict[str, int]) -> list[Prompt]:
+    """Parse every prompt record (instruction records without output, or chats ending with a user turn) and
+    check that prompt + max_new_tokens fits each model's context (`contexts`: model name -> positions)."""
+    prompts = []
+    for lineno, rec in read_jsonl(path):
+        try:
+            messages = record_to_messages(rec, require_response=False)
+        except ValueError as e:
+            raise LmforgeError(f"{path}:{lineno}: {e}") from None
+        ids = render_prompt(tok, messages)
+        for name, ctx in contexts.items():
+            if len(ids) + max_new_tokens > ctx:
+                raise LmforgeError(f"{path}:{lineno}: prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} "
+                                   f"exceeds the {name}'s context of {ctx} positions")
+        prompts.append(Prompt(ids, messages[-1]["content"]))
+    if not prompts:
+        raise LmforgeError(f"{path}: no prompts (the file is empty)")
+    return prompts
+
+
+@dataclass
+class Experience:
+    """One batch of scored rollouts. Per-token tensors are (B, R) over response tokens."""
+    input_ids: torch.Tensor        # (B, P + R)
+    attention_mask: torch.Tensor   # (B, P + R)
+    mask: torch.Tensor             # (B, R) float, 1 on real response tokens (the stop token included)
+    prompt_len: int                # P
+    logprobs: torch.Tensor | None = None      # policy at rollout time ("old")
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None         # critic at rollout time
+    scores: torch.Tensor | None = None         # (B,) sequence score after penalties and clipping
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def select(self, rows: torch.Tensor) -> "Experience":
+        """The sub-batch of `rows` (same columns, so P stays valid)."""
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v[rows] if isinstance(v, torch.Tensor) else v
+        return Experience(**kw)
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len:]
+
+
+@dataclass
+class Samples:
+    """What the policy wrote: the padded batch plus per-row token lists and stop flags."""
+    experience: Experience
+    responses: list[list[int]]
+    ended: list[bool]              # the response itself ends with a stop token (never checked in the prompt)
+    gen_logprobs: list[list[float]]
+
+
+def sample_responses(actor: Transformer, tok: Tokenizer, prompts: list[Prompt], params: SamplingParams,
+                     generator: torch.Generator | None = None) -> Samples:
+    """Sample one response per prompt (batched, left-padded, KV cache) and lay out the padded batch."""
+    device = next(actor.parameters()).device
+    stops = stop_ids(tok)
+    gen = generate(actor, [p.ids for p in prompts], params, stops, tok.special.pad, generator)
+    prompt_ids, prompt_mask = left_pad([p.ids for p in prompts], tok.special.pad, device)
+    B, R = len(prompts), max(len(t) for t in gen.tokens)
+    resp = torch.full((B, R), tok.special.pad, dtype=torch.long)
+    resp_mask = torch.zeros((B, R), dtype=torch.long)  # from lengths, never from `ids != pad`
+    for i, t in enumerate(gen.tokens):
+        resp[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        resp_mask[i, :len(t)] = 1
+    resp, resp_mask = resp.to(device), resp_mask.to(device)
+    exp = Experience(torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask], 1),
+                     resp_mask.float(), prompt_ids.shape[1])
+    stop_set = set(stops)
+    ended = [len(t) > 0 and t[-1] in stop_set for t in gen.tokens]
+    return Samples(exp, gen.tokens, ended, gen.logprobs)
+
+
+def response_hidden(model: Transformer, exp: Experience) -> torch.Tensor:
+    """Hidden states at the columns that predict the response tokens: (B, R, d)."""
+    h = model.hidden_states(exp.input_ids, attention_mask=exp.attention_mask)
+    return h[:, exp.prompt_len - 1:-1]
+
+
+def policy_logprobs(model: Transformer, exp: Experience, temperature: float, with_entropy: bool = False):
+    """Teacher-forced log-probs (and entropy) of the response tokens under softmax(logits / temperature)."""
+    logits = model.lm_head(response_hidden(model, exp))
+    return logprobs_from_logits(logits, exp.response_ids, temperature, with_entropy)
+
+
+def critic_values(critic: Transformer, exp: Experience) -> torch.Tensor:
+    """V(s_t) for every response token t: the scalar head at the column that predicts token t."""
+    return critic.scores(response_hidden(critic, exp)).float()
+
+
+@torch.no_grad()
+def in_chunks(fn: Callable[[Experience], torch.Tensor], exp: Experience, chunk: int) -> torch.Tensor:
+    """fn over row chunks of `exp` (bounded memory), concatenated."""
+    B = exp.input_ids.shape[0]
+    return torch.cat([fn(exp.select(torch.arange(i, min(i + chunk, B), device=exp.input_ids.device)))
+                      for i in range(0, B, chunk)])
+
+
+def scores_from_fn(reward_fn: RewardFn, tok: Tokenizer, prompts: list[Prompt], samples: Samples,
+                   device) -> torch.Tensor:
+    """Scores from a Python reward function (toy experiments, rule-based rewards)."""
+    bodies = [t[:-1] if e else t for t, e in zip(samples.responses, samples.ended)]
+    texts = [tok.decode(b) for b in bodies]
+    out = list(reward_fn([p.text for p in prompts], texts, [list(t) for t in samples.responses]))
+    if len(out) != len(prompts):
+        raise LmforgeError(f"reward_fn returned {len(out)} scores for {len(prompts)} responses")
+    return torch.tensor([float(x) for x in out], dtype=torch.float32, device=device)

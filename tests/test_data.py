@@ -1,0 +1,206 @@
+"""Token data: prepared shards equal direct tokenization, split rules, dtype choice, readers, input errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.data import MANIFEST, TokenShards, is_val_document, prepare_data, read_manifest, token_dtype
+from lmforge.errors import LmforgeError
+
+DOCS = [f"Document {i}: the apple is red. 苹果是红色的 {'🍎' * (i % 3)} " + "word " * (i % 7) for i in range(40)]
+
+
+def _write_jsonl(path, docs):
+    path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def _read_split(data_dir, split):
+    m = read_manifest(data_dir)
+    arrays = [np.memmap(data_dir / sh["file"], dtype=m["dtype"], mode="r") for sh in m["splits"][split]["shards"]]
+    return arrays
+
+
+def tok_dir(tok, tmp_path):
+    d = tmp_path / "tok"
+    tok.save(d)
+    return d
+
+
+def _expected(docs, val_fraction):
+    out = {"train": [], "val": []}
+    for i, d in enumerate(docs):
+        out["val" if is_val_document(i, val_fraction) else "train"].append(d)
+    return out
+
+
+def test_prepared_shards_equal_direct_tokenization(tok, tmp_path):
+    src = _write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    # small chunks and shards: documents cross chunk boundaries and the output has several shards
+    m = prepare_data([src], tok_dir(tok, tmp_path), tmp_path / "data", val_fraction=0.3, chunk_docs=3, shard_tokens=80)
+    expected = _expected(DOCS, 0.3)
+    assert expected["val"] and expected["train"]
+    for split in ("train", "val"):
+        shards = _read_split(tmp_path / "data", split)
+        stream = np.concatenate(shards)
+        want = [t for d in expected[split] for t in [tok.special.bos] + tok.encode(d) + [tok.special.eos]]
+        assert stream.tolist() == want
+        info = m["splits"][split]
+        assert info["tokens"] == len(want) == sum(sh["tokens"] for sh in info["shards"])
+        assert info["documents"] == len(expected[split])
+        assert info["bytes"] == sum(len(d.encode("utf-8")) for d in expected[split])
+        for arr in shards:  # shards end on document boundaries
+            assert arr[0] == tok.special.bos and arr[-1] == tok.special.eos
+    assert len(m["splits"]["train"]["shards"]) > 1
+    assert m["dtype"] == "uint16" and m["tokenizer_fingerprint"] == tok.fingerprint() and m["val_fraction"] == 0.3
+    assert json.loads((tmp_path / "data" / MANIFEST).read_text())["fingerprint"] == m["fingerprint"]
+    # the data directory carries its tokenizer
+    from lmforge.tokenizer import Tokenizer
+    assert Tokenizer.load(tmp_path / "data").fingerprint() == tok.fingerprint()
+
+
+def test_prepare_is_deterministic_and_replaces_previous_output(tok, tmp_path):
+    src = _write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    a = prepare_data([src], tok_dir(tok, tmp_path), tmp_path / "a", val_fraction=0.2)
+    b = prepare_data([src], tok_dir(tok, tmp_path), tmp_path / "a", val_fraction=0.2)  # re-run over it
+    assert a["fingerprint"] == b["fingerprint"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["manifest.json", "tokenizer.json",
+                                                                  "train_000000.bin", "val_000000.bin"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or old directories left
+
+
+def test_split_fraction_and_tiny_corpus_fallback(tok, tmp_path):
+    n = 200_000
+    frac = sum(is_val_document(i, 0.1) for i in range(n)) / n
+    assert abs(frac - 0.1) < 0.005
+    assert not any(is_val_document(i, 0.0) for i in range(1000))
+    # three documents, none of which hashes into val at 0.5%: the last one is moved to val
+    assert not any(is_val_document(i, 0.005) for i in range(3))
+    src = _write_jsonl(tmp_path / "three.jsonl", DOCS[:3])
+    m = prepare_data([src], tok_dir(tok, tmp_path), tmp_path / "d", val_fraction=0.005)
+    assert m["splits"]["val"]["documents"] == 1 and m["splits"]["train"]["documents"] == 2
+    val = np.concatenate(_read_split(tmp_path / "d", "val")).tolist()
+    train = np.concatenate(_read_split(tmp_path / "d", "train")).tolist()
+    assert val == [tok.special.bos] + tok.encode(DOCS[2]) + [tok.special.eos]
+    assert train == [t for d in DOCS[:2] for t in [tok.special.bos] + tok.encode(d) + [tok.special.eos]]
+    assert m["splits"]["val"]["bytes"] == len(DOCS[2].encode())
+
+
+def test_dtype_uint16_or_uint32(tok, tmp_path):
+    assert token_dtype(400) == np.uint16 and token_dtype(65535) == np.uint16
+    assert token_dtype(65536) == np.uint32 and token_dtype(100_000) == np.uint32
+    from tokenizers import Tokenizer as HF
+    big = HF.from_str(tok.hf.to_str())
+    big.add_tokens([f"<extra{i}>" for i in range(66000)])  # vocabulary > 65535 -> uint32 shards
+    (tmp_path / "bigtok").mkdir()
+    big.save(str(tmp_path / "bigtok" / "tokenizer.json"))
+    docs = ["plain text <extra65999> and <extra7>", "more text"]
+    src = _write_jsonl(tmp_path / "d.jsonl", docs)
+    m = prepare_data([src], tmp_path / "bigtok", tmp_path / "d", val_fraction=0.0)
+    assert m["dtype"] == "uint32"
+    stream = np.concatenate(_read_split(tmp_path / "d", "train")).tolist()
+    ids = [big.encode(d, add_special_tokens=False).ids for d in docs]
+    assert max(ids[0]) > 65535
+    assert stream == [t for d in ids for t in [tok.special.bos] + d + [tok.special.eos]]
+
+
+@pytest.fixture
+def shards(tok, tmp_path):
+    src = _write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    prepare_data([src], tok_dir(tok, tmp_path), tmp_path / "data", val_fraction=0.3, chunk_docs=4, shard_tokens=150)
+    return tmp_path / "data"
+
+
+def test_sample_batch_windows_are_contiguous_deterministic_and_within_a_shard(shards):
+    ts = TokenShards(shards, "train")
+    arrays = [np.asarray(a).tolist() for a in ts.shards]
+    assert len(arrays) > 1
+    x, y = ts.sample_batch(torch.Generator().manual_seed(3), 64, 16)
+    x2, y2 = ts.sample_batch(torch.Generator().manual_seed(3), 64, 16)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert x.shape == y.shape == (64, 16) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
+        assert any(row == a[s:s + 17] for a in arrays for s in range(len(a) - 16))
+    x3, _ = ts.sample_batch(torch.Generator().manual_seed(4), 64, 16)
+    assert not torch.equal(x, x3)
+    with pytest.raises(LmforgeError, match="no shard of more than"):
+        ts.sample_batch(torch.Generator(), 1, 10_000)
+
+
+def test_iter_batches_covers_each_target_once(shards):
+    ts = TokenShards(shards, "val")
+    xs, ys = [], []
+    for x, y in ts.iter_batches(batch_size=3, seq_len=7):
+        assert x.shape == y.shape and x.shape[0] <= 3
+        xs += x.flatten().tolist()
+        ys += y.flatten().tolist()
+    want_x = [t for a in ts.shards for t in np.asarray(a)[:-1].tolist()]
+    want_y = [t for a in ts.shards for t in np.asarray(a)[1:].tolist()]
+    assert xs == want_x and ys == want_y
+    assert ts.num_tokens == read_manifest(shards)["splits"]["val"]["tokens"]
+
+
+def test_truncated_shard_is_an_error(shards):
+    m = read_manifest(shards)
+    path = shards / m["splits"]["train"]["shards"][0]["file"]
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(LmforgeError, match="train_000000.bin: missing or truncated"):
+        TokenShards(shards, "train")
+
+
+def _leftovers(tmp_path, name):
+    return [p.name for p in tmp_path.iterdir() if name in p.name]
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "input is empty"),
+    (b"\n\n", "input is empty"),
+    (b"good text\n\nbad \xff\xfe bytes\n", r"bad\.txt:3: not valid UTF-8"),
+])
+def test_bad_text_input_errors_leave_no_output(tok, tmp_path, content, match):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    with pytest.raises(LmforgeError, match=match) as e:
+        prepare_data([bad], tok_dir(tok, tmp_path), tmp_path / "out")
+    assert str(bad) in str(e.value)
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_bad_jsonl_line_names_file_and_line(tok, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": 3}\n', encoding="utf-8")
+    with pytest.raises(LmforgeError, match=r"bad\.jsonl:2: expected an object with a string field 'text'"):
+        prepare_data([bad], tok_dir(tok, tmp_path), tmp_path / "out")
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_missing_input_and_foreign_out_dir(tok, tmp_path):
+    with pytest.raises(LmforgeError, match=r"nope\.txt: input file not found"):
+        prepare_data([tmp_path / "nope.txt"], tok_dir(tok, tmp_path), tmp_path / "out")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    src = _write_jsonl(tmp_path / "d.jsonl", DOCS[:4])
+    with pytest.raises(LmforgeError, match="not a prepared data directory"):
+        prepare_data([src], tok_dir(tok, tmp_path), tmp_path / "foreign")
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+
+
+def test_cli_prepare_and_one_line_error(tok, tmp_path, capsys):
+    src = _write_jsonl(tmp_path / "d.jsonl", DOCS)
+    tdir = tok_dir(tok, tmp_path)
+    assert main(["data", "prepare", "--input", str(src), "--tokenizer", str(tdir), "--out", str(tmp_path / "ok"),
+                 "--val-fraction", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "MB/s" in out
+    assert (tmp_path / "ok" / MANIFEST).is_file()
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9\n")
+    assert main(["data", "prepare", "--input", str(bad), "--tokenizer", str(tdir), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{bad}:1: not valid UTF-8" in err
+    assert _leftovers(tmp_path, "out") == []
