@@ -291,7 +291,6 @@ GOOD = [{"input": "q", "choices": [{"text": "a", "rank": 1}, {"text": "b", "rank
     ('{"input": "q", "choices": [{"text": "a", "rank": 1}, {"text": "b"}]}', "choices[1]: missing 'rank'"),
     ('{"input": "q", "choices": [{"text": "a", "rank": 1}, {"text": "b", "rank": "2"}]}', "'rank' must be a positive integer"),
     ('{"input": "q", "choices": [{"text": "a", "rank": 1}, {"text": "b", "rank": 1.5}]}', "'rank' must be a positive integer"),
-    ('{"input": "q", "choices": [{"text": "a", "rank": 2}, {"text": "b", "rank": 2}]}', "no comparison"),
     ('{"input": "q", "choices": [{"text": "", "rank": 1}, {"text": "b", "rank": 2}]}', "empty 'choices[0].text'"),
     ('{"input": "q", "chosen": "  ", "rejected": "b"}', "empty 'chosen'"),
     ('{"input": "q", "output": "o", "score": NaN}', "finite number"),
@@ -340,3 +339,13 @@ def test_skip_invalid_skips_and_counts(tok, tmp_path):
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     summary = run_rm(_cfg(_init(tmp_path / "sft", tok), data, tmp_path / "rm", skip_invalid=True, epochs=1.0))
     assert summary["skipped"] == 2 and summary["train_examples"] + summary["val_examples"] == 38
+
+
+def test_fully_tied_record_is_skipped_and_counted(tok, tmp_path):
+    from lmforge.reward import load_data
+
+    p = tmp_path / "tied.jsonl"
+    p.write_text('{"input": "q", "choices": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}]}\n'
+                 '{"input": "q2", "choices": [{"text": "a", "rank": 2}, {"text": "b", "rank": 2}]}\n', encoding="utf-8")
+    examples, skipped = load_data(p, tok, encoder=False, max_len=64)
+    assert len(examples) == 1 and skipped == 1

@@ -133,8 +133,6 @@ def _ranks(choices: list, require_labels: bool) -> list[int] | None:
             raise ValueError(f"choices[{i}]: missing 'rank'")
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"choices[{i}]: 'rank' must be a positive integer, got {r!r}")
-    if not comparison_pairs(ranks):
-        raise ValueError("all choices share one rank: no comparison")
     return ranks
 
 
@@ -236,6 +234,9 @@ def load_data(path: str | Path, tok, encoder: bool, max_len: int, require_labels
             if isinstance(obj, json.JSONDecodeError):
                 raise ValueError(f"invalid JSON ({obj.msg})")
             ex = parse_record(obj, require_labels)
+            if require_labels and ex.ranks is not None and not comparison_pairs(ex.ranks):
+                skipped += 1  # all choices tied (allowed): the record holds no comparison to learn from
+                continue
             ex.ids = [render_example(tok, ex.prompt, r, encoder) for r in ex.responses]
             longest = max(map(len, ex.ids))
             if longest > max_len:
