@@ -30,13 +30,6 @@ WORDS = "the quick brown fox jumps over the lazy dog apple red".split()
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: these tiny models gain nothing from two, and other test processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _tiny_sft(tok) -> Transformer:

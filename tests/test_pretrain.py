@@ -21,13 +21,6 @@ TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, nu
                   max_position_embeddings=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (3x faster under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

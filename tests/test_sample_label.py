@@ -17,13 +17,6 @@ from lmforge.sample import read_prompts, sample_candidates
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine are ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 PROMPTS = [
     {"Instruction": "Add the numbers", "Input": "2 3"},

@@ -9,7 +9,7 @@ logits) and a scalar head `score` (reward and value models).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -9,13 +9,13 @@ response are read from columns P - 1 .. P + R - 2. Masks come from lengths, neve
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from lmforge.sample import iter_jsonl as read_jsonl  # one JSONL reader (file:line errors) for every stage
 from lmforge.chat import record_to_messages, render_prompt, stop_ids
 from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingParams, generate, left_pad
@@ -26,25 +26,6 @@ from lmforge.tokenizer import Tokenizer
 # reward_fn(prompt_texts, response_texts, response_ids) -> one float per response. prompt_texts are the last
 # user turns, response_texts the decoded responses (without the stop token), response_ids the sampled ids.
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed record) of every non-blank line; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise LmforgeError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
 
 
 @dataclass
