@@ -102,3 +102,17 @@ def test_scalar_head_init():
     m = Transformer(tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=4), head="scalar")
     assert torch.all(m.score.bias == 0)
     assert abs(m.score.weight.std().item() - 1 / 257 ** 0.5) < 0.02
+
+
+def test_generate_cli_streams_text(tok, tmp_path, capsys):
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.cli import main
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m", Transformer(tiny_config()), tok)
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "你好", "--max-new-tokens", "8", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "你好", "--max-new-tokens", "8", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == first and first.endswith("\n")
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 1
+    assert "not a checkpoint directory" in capsys.readouterr().err

@@ -72,3 +72,24 @@ def test_invalid_jsonl_names_line(tmp_path):
     p.write_text('{"text": "a"}\n{oops\n', encoding="utf-8")
     with pytest.raises(LmforgeError, match="c.jsonl:2: invalid JSON"):
         list(iter_documents([p]))
+
+
+def test_streaming_never_splits_a_multibyte_character(tok):
+    from lmforge.generation import Utf8Streamer
+
+    text = "混合 text 🎉 中文!"
+    ids = tok.encode(text)
+    streamer = Utf8Streamer(tok)
+    chunks = [streamer.push(i) for i in ids] + [streamer.flush()]
+    assert "".join(chunks) == text
+    assert all("\ufffd" not in c for c in chunks)
+    # byte-level BPE does split characters across tokens here, so the test is meaningful
+    assert any(len(tok.token_bytes(i)) and not _is_utf8(tok.token_bytes(i)) for i in ids)
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
