@@ -73,7 +73,7 @@ def main() -> None:
             f.write(json.dumps({"instruction": line}) + "\n")
     cfg = load_config(PPOConfig, base=dict(
         sft_model=str(work / "sft"), reward_model=str(work / "rm"), prompts=str(work / "prompts.jsonl"),
-        out_dir=str(work / "out"), iterations=args.iterations + 1, batch_size=batch, minibatch_size=minibatch,
+        out=str(work / "out"), iterations=args.iterations + 1, batch_size=batch, minibatch_size=minibatch,
         micro_batch_size=micro, max_new_tokens=new_tokens, device=str(device)))
     prompts = load_prompts(cfg.prompts, tok, cfg.max_new_tokens, {"policy": mc.max_position_embeddings})
     trainer = build_trainer(cfg, tok, device)

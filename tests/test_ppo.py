@@ -77,7 +77,7 @@ def ck(tok, tmp_path_factory):
 
 
 def _cfg(ck, tmp_path, **kw) -> PPOConfig:
-    base = dict(sft_model=ck.sft, reward_model=ck.rm, prompts=ck.prompts, out_dir=str(tmp_path / "out"),
+    base = dict(sft_model=ck.sft, reward_model=ck.rm, prompts=ck.prompts, out=str(tmp_path / "out"),
                 iterations=2, batch_size=8, minibatch_size=4, micro_batch_size=2, max_new_tokens=8, device="cpu")
     base.update(kw)
     return load_config(PPOConfig, base=base)
@@ -357,7 +357,7 @@ def _toy_run(ck, tok, tmp_path, kl_coef, iterations):
                max_new_tokens=8, ppo_epochs=2, kl_coef=kl_coef, critic_init="sft", no_eos_penalty=0.0,
                reward_model="", actor_optim=optim, critic_optim=dict(optim))
     run_ppo(cfg, progress=False, reward_fn=share)
-    return read_metrics(cfg.out_dir)
+    return read_metrics(cfg.out)
 
 
 def _mean(rows, key):
@@ -384,7 +384,7 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "ppo_tiny.yaml")
 
 def _args(ck, out, *extra):
     return ["ppo", "--config", CONFIG, f"sft_model={ck.sft}", f"reward_model={ck.rm}", f"prompts={ck.prompts}",
-            f"out_dir={out}",
+            f"out={out}",
             "batch_size=4", "minibatch_size=2", "micro_batch_size=1", "max_new_tokens=6", "device=cpu",
             "actor_optim.lr=1e-3", "critic_optim.lr=1e-3", *extra]
 

@@ -53,7 +53,7 @@ def _init(path, tok, causal=True) -> str:
 
 
 def _cfg(init, data, out, **kw) -> RMConfig:
-    base = dict(init=str(init), data=str(data), out_dir=str(out), val_fraction=0.25, batch_size=8,
+    base = dict(init=str(init), data=str(data), out=str(out), val_fraction=0.25, batch_size=8,
                 device="cpu", optim=OptimConfig(lr=3e-3, warmup_steps=3, weight_decay=0.0))
     base.update(kw)
     return RMConfig(**base)
@@ -198,17 +198,17 @@ def test_decoder_learns_ranked_rule_and_checkpoint_meta(decoder_run):
     assert summary["heldout_accuracy"] >= 0.9
     assert summary["kendall_tau"] >= 0.8 and summary["mean_margin"] > 0
     assert summary["val_examples"] == 24 and summary["train_examples"] == 72 and summary["steps"] == 9  # 72 / 8
-    meta = read_config(cfg.out_dir)["lmforge"]
+    meta = read_config(cfg.out)["lmforge"]
     assert meta["stage"] == "rm" and meta["backbone"] == "decoder" and meta["pooling"] == "last"
     assert meta["reward_mean"] == summary["reward_mean"] and meta["reward_std"] == 1.0
     assert len(meta["tokenizer_fingerprint"]) == 16
-    logged = read_metrics(cfg.out_dir)
+    logged = read_metrics(cfg.out)
     assert any("val_accuracy" in rec for rec in logged) and logged[-1]["heldout_accuracy"] == summary["heldout_accuracy"]
 
 
 def test_normalisation_makes_reference_responses_score_mean_zero(decoder_run):
     cfg, summary, refs = decoder_run
-    rm = RewardScorer.load(cfg.out_dir)
+    rm = RewardScorer.load(cfg.out)
     rewards = rm.score([r["instruction"] for r in refs], [r["output"] for r in refs], batch_size=7)
     assert abs(sum(rewards) / len(rewards)) < 1e-4
     assert abs(summary["reward_mean"]) > 0.1  # the shift was real, not a no-op
@@ -218,16 +218,16 @@ def test_score_cli_adds_normalised_rewards(decoder_run, tmp_path, capsys):
     cfg, _, refs = decoder_run
     sft = _write(tmp_path / "refs.jsonl", refs)
     out = tmp_path / "scored.jsonl"
-    assert main(["rm", "score", "--model", cfg.out_dir, "--input", sft, "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["rm", "score", "--model", cfg.out, "--input", sft, "--out", str(out), "--device", "cpu"]) == 0
     rewards = [json.loads(line)["reward"] for line in out.read_text().splitlines()]
     assert len(rewards) == len(refs) and abs(sum(rewards) / len(rewards)) < 1e-4
     ranked = _write(tmp_path / "ranked.jsonl", _ranked(3, seed=9))
-    assert main(["rm", "score", "--model", cfg.out_dir, "--input", ranked, "--device", "cpu"]) == 0
+    assert main(["rm", "score", "--model", cfg.out, "--input", ranked, "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     recs = [json.loads(line) for line in captured.out.splitlines()]
     assert len(recs) == 3 and all("reward" in c for r in recs for c in r["choices"])
     assert "accuracy" in captured.err
-    rm = RewardScorer.load(cfg.out_dir)
+    rm = RewardScorer.load(cfg.out)
     expected = rm.score([recs[0]["input"]] * 3, [c["text"] for c in recs[0]["choices"]])
     assert [c["reward"] for c in recs[0]["choices"]] == pytest.approx(expected, abs=1e-5)
 
@@ -240,7 +240,7 @@ def test_pairwise_data_with_unit_std_normalisation(tok, tmp_path):
     summary = run_rm(cfg)
     assert summary["train_examples"] == 48 and summary["val_examples"] == 16 and summary["reward_std"] != 1.0
     # no reference_data: the chosen responses of the training data score mean 0 and std 1
-    rewards = torch.tensor(RewardScorer.load(cfg.out_dir).score([r["prompt"] for r in records[:48]],
+    rewards = torch.tensor(RewardScorer.load(cfg.out).score([r["prompt"] for r in records[:48]],
                                                                  [r["chosen"] for r in records[:48]]))
     assert abs(rewards.mean().item()) < 1e-4 and rewards.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
 
@@ -255,7 +255,7 @@ def test_regression_recovers_scores(tok, tmp_path):
     summary = run_rm(cfg)
     assert summary["pearson"] >= 0.9
     assert summary["mse"] < 0.1  # in score units, a fifth of the scores' variance (0.5^2 * var(0..4) = 0.5)
-    meta = read_config(cfg.out_dir)["lmforge"]
+    meta = read_config(cfg.out)["lmforge"]
     assert meta["loss"] == "mse" and meta["target_std"] > 0
 
 
@@ -264,7 +264,7 @@ def test_encoder_backbone_trains_from_mlm_checkpoint(tok, tmp_path):
                tmp_path / "rm", epochs=2.0)
     summary = run_rm(cfg)
     assert summary["heldout_accuracy"] >= 0.8
-    rm = RewardScorer.load(cfg.out_dir)
+    rm = RewardScorer.load(cfg.out)
     assert rm.meta["backbone"] == "encoder" and rm.meta["pooling"] == "first"
     with pytest.raises(LmforgeError, match="decoder"):
         rm.score_ids(torch.tensor([[1, 2]]), torch.tensor([[1, 1]]))
@@ -275,7 +275,7 @@ def test_cli_trains_with_the_tiny_yaml(tok, tmp_path, capsys):
     data = _write(tmp_path / "ranked.jsonl", _ranked(48, seed=4))
     out = tmp_path / "rm"
     yaml = Path(__file__).resolve().parents[1] / "configs" / "rm_tiny.yaml"
-    assert main(["rm", "--config", str(yaml), f"init={init}", f"data={data}", f"out_dir={out}", "device=cpu"]) == 0
+    assert main(["rm", "--config", str(yaml), f"init={init}", f"data={data}", f"out={out}", "device=cpu"]) == 0
     assert "reward model: heldout_accuracy" in capsys.readouterr().out
     assert read_config(out)["lmforge"]["stage"] == "rm"
 
@@ -323,7 +323,7 @@ def test_mixed_kinds_missing_files_and_cli_one_line_error(tok, tmp_path, capsys)
         run_rm(_cfg(tmp_path / "nope", mixed, tmp_path / "rm"))
     bad_array = tmp_path / "bad.json"
     bad_array.write_text('[\n {"input": "q", "chosen": "a", "rejected": "b"},\n {"input": }\n]', encoding="utf-8")
-    assert main(["rm", f"init={init}", f"data={bad_array}", f"out_dir={tmp_path / 'rm'}"]) == 1
+    assert main(["rm", f"init={init}", f"data={bad_array}", f"out={tmp_path / 'rm'}"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"lmforge rm: error: {bad_array}:3: invalid JSON") and "\n" not in err
     assert main(["rm", f"init={init}", f"data={mixed}", "loss=hinge"]) == 1

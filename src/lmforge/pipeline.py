@@ -148,10 +148,10 @@ class Pipeline:
             "sft": self._stage_config("sft", SFTConfig, {**dev, "init": f["base_model"], "data": f["sft"],
                                                         "out": str(self.path("sft")), "overwrite": True}),
             "rm": self._stage_config("rm", RMConfig, {**dev, "init": str(self.path("sft")), "data": f["preferences"],
-                                                     "reference_data": f["sft"], "out_dir": str(self.path("rm"))}),
+                                                     "reference_data": f["sft"], "out": str(self.path("rm"))}),
             "ppo": self._stage_config("ppo", PPOConfig, {**dev, "sft_model": str(self.path("sft")),
                                                         "reward_model": str(self.path("rm")),
-                                                        "prompts": f["rl_prompts"], "out_dir": str(self.path("ppo"))}),
+                                                        "prompts": f["rl_prompts"], "out": str(self.path("ppo"))}),
         }
         return stages
 

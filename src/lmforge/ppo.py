@@ -66,7 +66,7 @@ class PPOConfig:
     reward_model: str = ""               # frozen scorer (may be empty when run_ppo gets a reward_fn)
     critic_init: Literal["reward", "sft"] = "reward"   # InstructGPT initialises the value model from the RM
     prompts: str = ""                    # JSONL: instruction records without output, or chats ending in a user turn
-    out_dir: str = "runs/ppo"
+    out: str = "runs/ppo"
     # rollouts: pure sampling (no top-k/top-p unless set here; they are logged in the checkpoint metadata)
     iterations: int = 100
     batch_size: int = 64
@@ -488,7 +488,7 @@ def _prepare_logs(out: Path, start: int) -> None:
 
 def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_fn: RewardFn | None = None,
             ptx_source: PtxSource | None = None) -> dict:
-    """Train a policy with PPO; returns a summary (first/last mean score, last KL, beta, seconds, out_dir).
+    """Train a policy with PPO; returns a summary (first/last mean score, last KL, beta, seconds, out).
 
     reward_fn(prompt_texts, response_texts, response_ids) -> scores replaces the reward model (toy rewards,
     tests); ptx_source replaces the PPO-ptx batches read from cfg.ptx.data.
@@ -501,7 +501,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
         raise LmforgeError("lmforge ppo runs in one process (one GPU); launch it without torchrun")
     tok, prompts, ptx = _check_inputs(cfg, reward_fn is not None)
     ptx = ptx_source or ptx
-    out = Path(cfg.out_dir)
+    out = Path(cfg.out)
     state = None
     if resume and (out / "training_state.pt").is_file():
         if read_config(out).get("lmforge", {}).get("stage") != "ppo":
@@ -553,7 +553,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
         if (cfg.save_every and (it + 1) % cfg.save_every == 0) or it + 1 == cfg.iterations:
             save(it + 1)
     bar.close()
-    summary = {"out_dir": str(out), "iterations": cfg.iterations, "seconds": time.perf_counter() - t_start,
+    summary = {"out": str(out), "iterations": cfg.iterations, "seconds": time.perf_counter() - t_start,
                "beta": trainer.kl_ctl.value}
     if history:
         summary.update(score_first=history[0]["score"], score_last=history[-1]["score"],
@@ -568,6 +568,6 @@ def cli(argv: list[str]) -> None:
     s = run_ppo(cfg, resume=args.resume)
     if "score_last" in s:
         print(f"ppo: {s['iterations']} iterations in {s['seconds']:.1f}s; score {s['score_first']:.3f} -> "
-              f"{s['score_last']:.3f}, KL {s['kl_last']:.3f}, beta {s['beta']:.4g} -> {s['out_dir']}")
+              f"{s['score_last']:.3f}, KL {s['kl_last']:.3f}, beta {s['beta']:.4g} -> {s['out']}")
     else:
-        print(f"ppo: nothing to do, {s['out_dir']} already has {s['iterations']} iterations")
+        print(f"ppo: nothing to do, {s['out']} already has {s['iterations']} iterations")

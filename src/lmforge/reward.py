@@ -441,7 +441,7 @@ class RMConfig:
     val_data: str = ""                # held-out records; default: val_fraction of the prompts of `data`
     val_fraction: float = 0.1
     reference_data: str = ""          # responses to centre at 0 (e.g. the SFT data); default: the best of `data`
-    out_dir: str = "runs/rm"
+    out: str = "runs/rm"
     loss: Literal["auto", "logsigmoid", "hinge", "mse"] = "auto"   # auto: logsigmoid (ranked), mse (scored)
     margin: float = 0.0               # r_better - r_worse must exceed it (logsigmoid shift, hinge margin)
     center_coef: float = 0.0          # coef * mean(r^2); 0.01 is a common choice
@@ -511,7 +511,7 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> dict:
     loss = cfg.loss if cfg.loss != "auto" else ("mse" if kind == "scored" else "logsigmoid")
     if (loss == "mse") != (kind == "scored"):
         raise LmforgeError(f"config key 'loss': {loss} does not fit {kind} data ({cfg.data})")
-    out = Path(cfg.out_dir)
+    out = Path(cfg.out)
     state = load_training_state(out) if resume else None
     if resume and state is None:
         raise LmforgeError(f"{out}: no training state to resume from")
@@ -651,4 +651,4 @@ def cli(argv: list[str]) -> None:
     shown = ", ".join(f"{k} {s[k]:.4f}" for k in ("heldout_accuracy", "mean_margin", "kendall_tau", "mse", "pearson")
                       if s.get(k) is not None)
     print(f"reward model: {shown or 'no held-out data'}; reward_mean {s['reward_mean']:.4f}, reward_std "
-          f"{s['reward_std']:.4f}; {s['train_examples']} prompts, {s['steps']} steps, {s['seconds']:.1f}s -> {cfg.out_dir}")
+          f"{s['reward_std']:.4f}; {s['train_examples']} prompts, {s['steps']} steps, {s['seconds']:.1f}s -> {cfg.out}")
