@@ -151,23 +151,23 @@ def test_oracle_labels_in_the_seed_ranked_format_consistent_with_scores(tmp_path
     for p in prompts:
         ideal = ideal_response(p)
         cands = [flawed_response(p, verbose=True), ideal, flawed_response(p, wrong=True),
-                 flawed_response(p, impolite=True), ideal, ""]  # a duplicate of the ideal answer, an empty one
+                 flawed_response(p, impolite=True), ideal, ""]  # a duplicate of the ideal answer, an empty one (dropped)
         recs.append({"input": p, "candidates": cands})
     inp, out = _write_jsonl(tmp_path / "cands.jsonl", recs), tmp_path / "ranked.jsonl"
     s = label_candidates(inp, out, judge="oracle")
     rows = _lines(out)
-    assert s["prompts"] == 4 and s["choices"] == 24 and s["prompts_with_ties"] == 4
+    assert s["prompts"] == 4 and s["choices"] == 20 and s["prompts_with_ties"] == 4
+    assert s["empty_candidates_dropped"] == 4
     for rec, row in zip(recs, rows):
         assert set(row) == {"input", "choices"} and row["input"] == rec["input"]
-        assert [c["text"] for c in row["choices"]] == rec["candidates"]
+        assert [c["text"] for c in row["choices"]] == rec["candidates"][:5]
         assert all(set(c) == {"text", "rank"} and isinstance(c["rank"], int) for c in row["choices"])
-        scores = [oracle_score(rec["input"], t) for t in rec["candidates"]]
+        scores = [oracle_score(rec["input"], t) for t in rec["candidates"][:5]]
         ranks = [c["rank"] for c in row["choices"]]
-        for i in range(6):
-            for j in range(6):  # better score <=> better (smaller) rank; equal scores share a rank
+        for i in range(5):
+            for j in range(5):  # better score <=> better (smaller) rank; equal scores share a rank
                 assert (scores[i] > scores[j]) == (ranks[i] < ranks[j])
         assert ranks[1] == ranks[4] == 1 and scores[1] == 100  # the ideal answer and its duplicate tie for first
-        assert ranks[5] == 6 and scores[5] == 0  # the empty answer is last
 
 
 def test_oracle_rejects_prompts_outside_the_world(tmp_path):
@@ -291,3 +291,21 @@ def test_label_input_errors_and_judges(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.strip() == "lmforge label: error: --judge human: the web ranking page comes in a later release"
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_empty_candidates_are_dropped_before_ranking(tmp_path):
+    import json
+
+    from lmforge.label import label_candidates
+    from lmforge.world import ideal_response
+
+    prompt = "What is 23 + 45?"
+    rows = [{"input": prompt, "candidates": ["", ideal_response(prompt), "23 + 45 = 69.", "  "]},
+            {"input": prompt, "candidates": ["", ideal_response(prompt)]}]
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    summary = label_candidates(src, tmp_path / "r.jsonl")
+    out = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(out) == 1 and [c["text"] for c in out[0]["choices"]] == [ideal_response(prompt), "23 + 45 = 69."]
+    assert [c["rank"] for c in out[0]["choices"]] == [1, 2]
+    assert summary["empty_candidates_dropped"] == 3 and summary["prompts_dropped"] == 1

@@ -178,6 +178,15 @@ def label_candidates(input_file: str | Path, out_file: str | Path, judge: str = 
         raise LmforgeError("--judge openai needs --url (e.g. http://127.0.0.1:8000/v1) and --model")
     t0 = time.perf_counter()
     records = read_candidates(input_file)
+    # An empty response has nothing to rank and the seed's ranked format has no empty choices: drop it, and
+    # drop a prompt left with fewer than two candidates (counted in the summary).
+    n_empty = sum(not t.strip() for r in records for t in r["candidates"])
+    for r in records:
+        r["candidates"] = [t for t in r["candidates"] if t.strip()]
+    n_before = len(records)
+    records = [r for r in records if len(r["candidates"]) >= 2]
+    if not records:
+        raise LmforgeError(f"{input_file}: no prompt has two non-empty candidates to rank")
     if judge == "oracle":
         all_ranks = [_oracle_ranks(input_file, r) for r in records]
     else:
@@ -200,6 +209,7 @@ def label_candidates(input_file: str | Path, out_file: str | Path, judge: str = 
     write_jsonl_atomic(out_file, out)
     return {"prompts": len(out), "choices": sum(len(r["choices"]) for r in out),
             "prompts_with_ties": sum(len(set(r)) < len(r) for r in all_ranks),
+            "empty_candidates_dropped": n_empty, "prompts_dropped": n_before - len(records),
             "seconds": time.perf_counter() - t0}
 
 
