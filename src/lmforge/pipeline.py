@@ -297,7 +297,9 @@ class Pipeline:
 
         ev = self.summaries.get("eval", {})
         rm = self.summaries.get("rm", {})
-        results = {"policies": ev.get("policies", {}), "reward_hacking": ev.get("reward_hacking", []),
+        # Only a policy optimised against the reward model can hack it; the base model never saw it.
+        hacking = [name for name in ev.get("reward_hacking", []) if name != "base"]
+        results = {"policies": ev.get("policies", {}), "reward_hacking": hacking,
                    "rm": {"heldout_accuracy": rm.get("heldout_accuracy")},
                    "stages": {s: {"seconds": round(t, 1)} for s, t in self.seconds.items() if s != "report"}}
         write_report(self.out, results)
