@@ -28,19 +28,55 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.chat import record_to_messages, render
-from lmforge.checkpoint import load_model, load_training_state, read_config, resolve_checkpoint, save_checkpoint
+from lmforge.checkpoint import (
+    load_model,
+    load_training_state,
+    read_config,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from lmforge.config import load_config, recipe_parser, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingParams
 from lmforge.model import Transformer
-from lmforge.rl_utils import (KLController, clipped_surrogate, clipped_value_loss, explained_variance, gae,
-                              kl_estimate, masked_mean, masked_whiten, token_rewards)
 from lmforge.reward import RewardScorer, disable_dropout
-from lmforge.rollout import (Experience, Prompt, RewardFn, Samples, critic_values, in_chunks, load_prompts,
-                             policy_logprobs, read_jsonl, sample_responses, scores_from_fn)
+from lmforge.rl_utils import (
+    KLController,
+    clipped_surrogate,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    token_rewards,
+)
+from lmforge.rollout import (
+    Experience,
+    Prompt,
+    RewardFn,
+    Samples,
+    critic_values,
+    in_chunks,
+    load_prompts,
+    policy_logprobs,
+    read_jsonl,
+    sample_responses,
+    scores_from_fn,
+)
 from lmforge.tokenizer import Tokenizer, iter_documents
-from lmforge.training import (MetricsLogger, OptimConfig, autocast, build_optimizer, lr_at, pick_device, rng_state,
-                              seed_everything, set_rng_state, step_generator)
+from lmforge.training import (
+    MetricsLogger,
+    OptimConfig,
+    autocast,
+    build_optimizer,
+    lr_at,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    step_generator,
+)
 
 
 def _ppo_optim() -> OptimConfig:

@@ -11,7 +11,6 @@ Validation reports loss, perplexity and (clm) bits per byte, which, unlike loss,
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import statistics
@@ -23,14 +22,30 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lmforge.checkpoint import CONFIG_FILE, load_model, load_training_state, read_config, save_checkpoint
+from lmforge.checkpoint import (
+    CONFIG_FILE,
+    load_model,
+    load_training_state,
+    read_config,
+    save_checkpoint,
+)
 from lmforge.config import load_config, recipe_parser, to_dict
 from lmforge.data import TokenShards, read_manifest
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.training import (LoopHooks, MetricsLogger, OptimConfig, autocast, init_distributed, pick_device,
-                              read_metrics, seed_everything, step_generator, train_loop)
+from lmforge.training import (
+    LoopHooks,
+    MetricsLogger,
+    OptimConfig,
+    autocast,
+    init_distributed,
+    pick_device,
+    seed_everything,
+    step_generator,
+    train_loop,
+    truncate_logs,
+)
 
 IGNORE = -100  # label of positions without a loss (F.cross_entropy's ignore_index)
 
@@ -228,14 +243,6 @@ def _check_out(out: Path, cfg: PretrainConfig) -> None:
                                f"pass overwrite=true to start over")
 
 
-def _truncate_metrics(out: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint's step (a crash between a log line and the next save)."""
-    records = [r for r in read_metrics(out) if r.get("step", 0) <= step]
-    path = out / "metrics.jsonl"
-    if path.is_file():
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Entry points
 
@@ -280,7 +287,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = Tru
         model.load_state_dict(load_model(out, head="lm")[0].state_dict())
         resume_state = load_training_state(out)
         if dist_info.is_main:
-            _truncate_metrics(out, int(resume_state["step"]))
+            truncate_logs(out, int(resume_state["step"]))
     elif out.exists() and dist_info.is_main:
         shutil.rmtree(out)  # overwrite=true: _check_out made sure it is a previous run
     model.to(device)

@@ -17,7 +17,9 @@ import json
 import math
 from pathlib import Path
 
-from matplotlib.figure import Figure  # object API: no pyplot global state, renders with Agg
+from matplotlib.figure import (
+    Figure,  # object API: no pyplot global state, renders with Agg
+)
 
 from lmforge.evaluate import reward_hacking_flag
 from lmforge.training import read_metrics

@@ -30,15 +30,39 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lmforge.checkpoint import load_model, load_training_state, read_config, resolve_checkpoint, save_checkpoint
+from lmforge.checkpoint import (
+    load_model,
+    load_training_state,
+    read_config,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from lmforge.errors import LmforgeError
 from lmforge.generation import left_pad
 from lmforge.model import Transformer, last_token_index
-from lmforge.rm_data import (Example, best_responses, comparison_pairs, data_kind, load_data, parse_record,  # noqa: F401
-                             read_records, render_example, split_by_prompt)
+from lmforge.rm_data import (  # noqa: F401
+    Example,
+    best_responses,
+    comparison_pairs,
+    data_kind,
+    load_data,
+    parse_record,
+    read_records,
+    render_example,
+    split_by_prompt,
+)
 from lmforge.tokenizer import Tokenizer
-from lmforge.training import (LoopHooks, MetricsLogger, OptimConfig, autocast, init_distributed, pick_device,
-                              seed_everything, step_generator, train_loop)
+from lmforge.training import (
+    LoopHooks,
+    MetricsLogger,
+    OptimConfig,
+    autocast,
+    init_distributed,
+    pick_device,
+    seed_everything,
+    step_generator,
+    train_loop,
+)
 
 # ----------------------------------------------------------------------------------------------- scoring
 

@@ -19,6 +19,7 @@ from typing import Iterator
 from lmforge.chat import record_to_messages, render, render_encoder_pair
 from lmforge.errors import LmforgeError, where
 
+
 def comparison_pairs(ranks: list[int]) -> list[tuple[int, int]]:
     """(better, worse) index pairs among one prompt's K choices: the C(K,2) pairs minus ties (rank 1 = best)."""
     return [(i, j) if ranks[i] < ranks[j] else (j, i)

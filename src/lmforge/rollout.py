@@ -15,12 +15,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from lmforge.sample import iter_jsonl as read_jsonl  # one JSONL reader (file:line errors) for every stage
 from lmforge.chat import record_to_messages, render_prompt, stop_ids
 from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingParams, generate, left_pad
 from lmforge.model import Transformer
 from lmforge.rl_utils import logprobs_from_logits
+from lmforge.sample import (
+    iter_jsonl as read_jsonl,  # one JSONL reader (file:line errors) for every stage
+)
 from lmforge.tokenizer import Tokenizer
 
 # reward_fn(prompt_texts, response_texts, response_ids) -> one float per response. prompt_texts are the last

@@ -41,14 +41,34 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.chat import record_to_messages, render, render_prompt, stop_ids
-from lmforge.checkpoint import CONFIG_FILE, load_model, load_training_state, read_config, save_checkpoint
+from lmforge.checkpoint import (
+    CONFIG_FILE,
+    load_model,
+    load_training_state,
+    read_config,
+    save_checkpoint,
+)
 from lmforge.config import load_config, recipe_parser, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingParams, generate
-from lmforge.lora import LoraConfig, apply_lora, load_lora_state_dict, lora_state_dict, merged_copy
+from lmforge.lora import (
+    LoraConfig,
+    apply_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    merged_copy,
+)
 from lmforge.tokenizer import Tokenizer
-from lmforge.training import (LoopHooks, MetricsLogger, OptimConfig, init_distributed, pick_device,
-                              seed_everything, train_loop)
+from lmforge.training import (
+    LoopHooks,
+    MetricsLogger,
+    OptimConfig,
+    init_distributed,
+    pick_device,
+    seed_everything,
+    train_loop,
+    truncate_logs,
+)
 
 IGNORE = -100  # label of positions that carry no loss (PyTorch's cross_entropy ignore_index)
 
@@ -452,15 +472,6 @@ def _check_out(out: Path, cfg: SFTConfig, tok: Tokenizer, resume: bool) -> dict 
     return state
 
 
-def _truncate_metrics(out: Path, step: int) -> None:
-    """Drop metrics and samples logged after the checkpoint's step (a crash between a log line and a save)."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = out / name
-        if path.is_file():
-            keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-            path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-
-
 def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict:
     """Fine-tune cfg.init on cfg.data; write a checkpoint (meta stage "sft") with metrics.jsonl and samples.jsonl.
 
@@ -500,7 +511,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if dist_info.is_main:
         if state is not None:
-            _truncate_metrics(out, int(state["step"]))
+            truncate_logs(out, int(state["step"]), ("metrics.jsonl", "samples.jsonl"))
         elif out.exists():
             shutil.rmtree(out)  # overwrite=true: _check_out made sure it is a previous run
     logger = MetricsLogger(out, cfg.logger, run_name=out.name, enabled=dist_info.is_main)

@@ -166,7 +166,8 @@ def _byte_decoder() -> dict[str, int]:
 def train_tokenizer(inputs: list[str | Path], vocab_size: int, out_dir: str | Path | None = None,
                     min_frequency: int = 2) -> Tokenizer:
     """Train byte-level BPE on the documents of `inputs`; save DIR/tokenizer.json when out_dir is given."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < MIN_VOCAB_SIZE:
         raise LmforgeError(f"--vocab-size {vocab_size} is smaller than the byte alphabet plus special tokens "

@@ -206,6 +206,17 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def truncate_logs(out_dir: str | Path, step: int, names: tuple[str, ...] = ("metrics.jsonl",)) -> None:
+    """Drop log lines written after the checkpoint's `step` (a crash between a log line and the next save),
+    so a resumed run's logs match an uninterrupted run's."""
+    for name in names:
+        path = Path(out_dir) / name
+        if path.is_file():
+            keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+
+
 @dataclass
 class LoopHooks:
     """What a stage plugs into `train_loop`.
