@@ -17,7 +17,9 @@ import torch
 
 from lmforge.generation import left_pad
 from lmforge.model import ModelConfig, Transformer
-from lmforge.reward import Example, labels_of, raw_scores, render_example, reward_loss, score_sequences
+from lmforge.preferences import Example
+from lmforge.scoring import raw_scores, render_example, score_sequences
+from lmforge.stages.rm import labels_of, reward_loss
 from lmforge.tokenizer import train_tokenizer
 from lmforge.training import OptimConfig, autocast, build_optimizer, pick_device
 

@@ -26,7 +26,7 @@ import torch
 
 from lmforge.chat import record_to_messages
 from lmforge.model import ModelConfig, Transformer
-from lmforge.sft import SFTBatches, encode_records, sft_loss
+from lmforge.stages.sft import SFTBatches, encode_records, sft_loss
 from lmforge.tokenizer import train_tokenizer
 from lmforge.training import OptimConfig, autocast, build_optimizer, pick_device
 

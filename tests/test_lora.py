@@ -11,7 +11,7 @@ from lmforge.errors import LmforgeError
 from lmforge.lora import (LINEAR_NAMES, LoraConfig, LoRALinear, apply_lora, load_lora_state_dict, lora_state_dict,
                           merge_lora, merged_copy)
 from lmforge.model import Transformer
-from lmforge.sft import SFTConfig, run_sft
+from lmforge.stages.sft import SFTConfig, run_sft
 from tests.conftest import tiny_config
 
 
@@ -100,7 +100,7 @@ def _lora(**kw):
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(LmforgeError, match="'lora.targets': unknown layer 'qkv'"):
+    with pytest.raises(LmforgeError, match="config key 'lora.targets' names an unknown layer 'qkv'"):
         load_config(SFTConfig, None, ["init=a", "data=b", "lora.rank=4", "lora.targets=q_proj,qkv"])
     with pytest.raises(LmforgeError, match="'lora.rank' must be >= 0"):
         load_config(SFTConfig, None, ["init=a", "data=b", "lora.rank=-1"])

@@ -1,10 +1,42 @@
-"""`lmforge run`: the tiny preset end to end, stage skipping, --from, and bad configs failing before training."""
+"""`lmforge run`: the tiny preset end to end (with a toy stage added through the table alone and a toy judge
+through the registry alone), stage skipping, --from, and bad configs failing before training."""
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from lmforge import pipeline
 from lmforge.cli import main
+from lmforge.judges import JUDGES, Judge, register_judge
+from lmforge.stage import Stage, StageContext
+
+
+# -- a toy judge, plugged in through the registry alone ---------------------------------------------------
+class ShortestJudge(Judge):
+    """Prefers shorter responses: enough to rank candidates and score responses in a real run."""
+
+    def score(self, prompt: str, response: str) -> float:
+        return max(0.0, 100.0 - len(response))
+
+
+# -- a toy stage, plugged in through one module (this block) and one table line ---------------------------
+@dataclass
+class NoteConfig:
+    """Writes how many policies the run produced."""
+    out: str = ""
+    greeting: str = "hello"
+
+
+def run_note(ctx: StageContext, cfg: NoteConfig) -> dict:
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).write_text(f"{cfg.greeting}: {', '.join(ctx.policies)}\n", encoding="utf-8")
+    return {"policies": len(ctx.policies), "sft_model_exists": Path(ctx.artifact("sft_model")).is_dir()}
+
+
+NOTE = Stage("note", NoteConfig, run_note, inputs=("sft_model",), outputs={"note": "note.txt"},
+             wire=lambda ctx: {"out": str(ctx.out / "note" / "note.txt")})
 
 STAGE_DIRS = ["world", "tokenizer", "data", "pretrain", "sft", "sample", "label", "rm", "ppo", "eval"]
 
@@ -16,6 +48,48 @@ def tiny_run(tmp_path_factory):
     return out
 
 
+def test_a_toy_stage_and_a_toy_judge_run_inside_the_tiny_preset(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline, "STAGES", [*pipeline.STAGES[:5], NOTE, *pipeline.STAGES[5:]])  # the one line
+    register_judge("shortest")(ShortestJudge)
+    try:
+        out = tmp_path / "toy"
+        # Reuse the tiny run's model stages: the toy judge relabels, and everything after label reruns.
+        args = ["run", "--preset", "tiny", "--out", str(out), f"sources.base_model={tiny_run / 'pretrain'}",
+                "label.judge.name=shortest", "note.greeting=hi", "ppo.iterations=1"]
+        assert main(args) == 0, capsys.readouterr().err
+    finally:
+        JUDGES.pop("shortest", None)
+    log = capsys.readouterr().out
+    assert "[lmforge run] note: done" in log and "pretrain" not in log.split("[lmforge run] sft")[0]
+    assert (out / "note" / "note.txt").read_text() == "hi: base, sft, ppo\n"
+    assert json.loads((out / "note" / "stage.json").read_text())["summary"] == {"policies": 3, "sft_model_exists": True}
+    ranked = [json.loads(line) for line in (out / "label" / "ranked.jsonl").read_text().splitlines()]
+    judge = ShortestJudge()
+    for rec in ranked:  # the toy judge made the rankings: shorter is better
+        texts, ranks = [c["text"] for c in rec["choices"]], [c["rank"] for c in rec["choices"]]
+        assert ranks == judge.rank(rec["input"], texts)
+    assert json.loads((out / "report.json").read_text())["policies"].keys() == {"base", "sft", "ppo"}
+
+
+def test_no_stage_module_imports_another_stage_module():
+    import ast
+
+    stages_dir = Path(pipeline.__file__).parent / "stages"
+    names = {p.stem for p in stages_dir.glob("*.py")} - {"__init__"}
+    for path in stages_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            for mod in mods:
+                parts = mod.split(".")
+                assert not (parts[:2] == ["lmforge", "stages"] and len(parts) > 2 and parts[2] in names), \
+                    f"{path.name} imports {mod}"
+
+
 def test_tiny_preset_runs_every_stage_and_writes_the_report(tiny_run):
     for stage in STAGE_DIRS:
         marker = json.loads((tiny_run / stage / "stage.json").read_text())
@@ -25,10 +99,13 @@ def test_tiny_preset_runs_every_stage_and_writes_the_report(tiny_run):
     ranked = [json.loads(line) for line in (tiny_run / "label" / "ranked.jsonl").read_text().splitlines()]
     assert ranked and all({"input", "choices"} <= set(r) and len(r["choices"]) == 4 for r in ranked)
     rep = json.loads((tiny_run / "report.json").read_text())
-    assert set(rep["policies"]) == {"base", "sft", "ppo"}
+    assert set(rep["policies"]) == {"base", "sft", "ppo"} and rep["judge"] == "oracle"
     for row in rep["policies"].values():
-        assert {"oracle_score", "win_rate_vs_sft", "rm_score", "kl_to_sft", "mean_length"} <= set(row)
-        assert 0 <= row["oracle_score"] <= 100 and 0 <= row["win_rate_vs_sft"] <= 1
+        assert {"judge_score", "win_rate_vs_sft", "rm_score", "kl_to_sft", "mean_length", "parts"} <= set(row)
+        assert 0 <= row["judge_score"] <= 100 and 0 <= row["win_rate_vs_sft"] <= 1
+        assert sum(row["parts"].values()) == pytest.approx(row["judge_score"])
+    for stage in ("pretrain", "sft", "rm", "ppo"):  # the shared run-directory lifecycle finished each one
+        assert json.loads((tiny_run / stage / "run.json").read_text())["stage"] == stage
     assert rep["policies"]["sft"]["win_rate_vs_sft"] == 0.5 and rep["policies"]["sft"]["kl_to_sft"] == 0
     assert 0 <= rep["rm"]["heldout_accuracy"] <= 1
     assert set(STAGE_DIRS) <= set(rep["stages"])
@@ -56,9 +133,15 @@ def test_changed_stage_config_reruns_it_and_downstream(tiny_run, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--from", "dpo"], "unknown stage 'dpo'"),
     (["sources.sft=/nonexistent/sft.jsonl", "sources.corpus=/nonexistent/c.txt"], "file not found"),
-    (["ppo.no_such_key=1"], "unknown config key 'no_such_key'"),
-    (["pretrain.seq_len=100000"], "seq_len"),
-    (["ppo.minibatch_size=7"], "minibatch_size"),
+    (["ppo.no_such_key=1"], "unknown config key 'ppo.no_such_key'"),
+    (["pretrain.seq_len=100000"], "config key 'pretrain.seq_len'"),
+    (["ppo.minibatch_size=7"], "config key 'ppo.minibatch_size'"),
+    (["ppo.actor_optim.lr=-1"], "config key 'ppo.actor_optim.lr' must be positive"),
+    (["world.preset=x"], "config key 'world.preset' is an unknown world preset 'x'"),
+    (["world_preset=x"], "unknown config key 'world_preset'"),
+    (["branches=ppo,dpo"], "config key 'branches': unknown branch 'dpo'"),
+    (["label.judge.name=nobody"], "unknown judge 'nobody'"),
+    (["eval.judge.name=openai"], "config key 'eval.judge.url' is required with judge name=openai"),
 ])
 def test_bad_config_fails_before_any_stage(tmp_path, capsys, args, message):
     out = tmp_path / "bad"
@@ -77,5 +160,52 @@ def test_tokenizer_mismatch_between_stages_is_an_error(tiny_run, tmp_path, capsy
     code = main(["run", "--preset", "tiny", "--out", str(out), f"sources.tokenizer={other}",
                  f"sources.base_model={tiny_run / 'pretrain'}"])
     assert code == 1
-    assert "tokenizer mismatch" in capsys.readouterr().err
+    assert "tokenizer mismatch: sources.tokenizer" in capsys.readouterr().err
     assert not out.exists()
+
+
+def _documented_commands() -> list[str]:
+    """Every example command of every `--help` text and every `lmforge ...` line in the configs' comments."""
+    import re
+
+    from lmforge.cli import COMMANDS, _find
+
+    cmds = []
+    for name, entry in COMMANDS.items():
+        for sub in (entry if isinstance(entry, dict) else [None]):
+            command, _, _ = _find([name] + ([sub] if sub else []))
+            cmds += list(command.examples)
+    for cfg in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        for line in cfg.read_text(encoding="utf-8").splitlines():
+            m = re.match(r"#\s+(lmforge .*?)(\s+#.*)?$", line)
+            if m:
+                cmds.append(m.group(1))
+    return cmds
+
+
+def test_every_documented_command_parses_and_validates(tiny_run, tmp_path, monkeypatch, capsys):
+    """Run each example with --print-config (config fully resolved and validated, nothing trained), from a
+    directory where the tiny run sits at runs/lmforge-tiny and the repo's configs/ is at hand."""
+    import shlex
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "lmforge-tiny").symlink_to(tiny_run)
+    (tmp_path / "configs").symlink_to(Path(__file__).parents[1] / "configs")
+    monkeypatch.chdir(tmp_path)
+    commands = _documented_commands()
+    assert len(commands) >= 20
+    for cmd in commands:
+        argv = shlex.split(cmd)[1:] + ["--print-config"]
+        assert main(argv) == 0, f"{cmd}: {capsys.readouterr().err}"
+    assert not (tmp_path / "runs" / "world").exists()  # --print-config never writes
+
+
+def test_help_lists_every_key_with_its_comment(capsys):
+    for argv in (["run", "--help"], ["pretrain", "--help"], ["sft", "--help"], ["ppo", "--help"], ["rm", "train", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    out = capsys.readouterr().out
+    for key in ("sources.base_model", "sources.preferences", "branches", "stop_step", "model.hidden_size",
+                "optim.lr", "actor_optim.lr", "lora.rank"):
+        assert key in out, key
+    assert "stop (with a checkpoint) after this step" in out  # the dataclass comment is the documentation

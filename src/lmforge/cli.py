@@ -1,34 +1,209 @@
-"""The `lmforge` command: one subcommand per stage, dispatched lazily to the module that implements it.
+"""The `lmforge` command and its one grammar:
+
+    lmforge COMMAND [SUBCOMMAND] [--config FILE] [--flag VALUE ...] [key=value ...] [--print-config]
+
+Every command is a `Command`: a typed config dataclass (lmforge.config), a few flags that set its most common
+keys, and a run function. Values come from the dataclass defaults <- the YAML file <- flags <- key=value
+overrides, and every key is checked against the dataclass before anything runs. `--help` lists every key with
+its default and the comment from the dataclass source. Commands are found lazily (`module:ATTRIBUTE`), so
+`lmforge --help` imports no torch.
 
 Every user-facing error (LmforgeError) is printed as one line on stderr with a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
+import inspect
+import re
 import sys
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
 
+import yaml
+
+from lmforge.config import _merge, load_config, parse_overrides, read_yaml, to_dict
 from lmforge.errors import LmforgeError
 
-# command -> (module, one-line help). Each module has `cli(argv: list[str]) -> None`.
-COMMANDS = {
-    "tokenizer": ("lmforge.tokenizer", "train a byte-level BPE tokenizer (tokenizer train ...)"),
-    "data": ("lmforge.data", "tokenize a corpus into token shards (data prepare ...)"),
-    "pretrain": ("lmforge.pretrain", "pretrain a Transformer (objective clm or mlm)"),
-    "sft": ("lmforge.sft", "supervised instruction fine-tuning, loss on responses only"),
-    "rm": ("lmforge.reward", "train a reward model (rm ...) or score records (rm score ...)"),
-    "ppo": ("lmforge.ppo", "RLHF with PPO against a reward model"),
-    "generate": ("lmforge.generation", "sample text from a checkpoint"),
-    "sample": ("lmforge.sample", "write K candidate responses per prompt"),
-    "label": ("lmforge.label", "rank candidates with a judge into the seed's ranked format"),
-    "run": ("lmforge.pipeline", "the whole InstructGPT pipeline on the built-in dataset, with a report"),
+# command -> "module:ATTRIBUTE" of a Command, or a dict of subcommands (one level of nesting).
+COMMANDS: dict[str, Any] = {
+    "world": "lmforge.stages.world:COMMAND",
+    "tokenizer": {"train": "lmforge.stages.tokenizer:COMMAND"},
+    "data": {"prepare": "lmforge.stages.data:COMMAND"},
+    "pretrain": "lmforge.stages.pretrain:COMMAND",
+    "sft": "lmforge.stages.sft:COMMAND",
+    "sample": "lmforge.stages.sample:COMMAND",
+    "label": "lmforge.stages.label:COMMAND",
+    "rm": {"train": "lmforge.stages.rm:COMMAND", "score": "lmforge.stages.rm:SCORE_COMMAND"},
+    "ppo": "lmforge.stages.ppo:COMMAND",
+    "eval": "lmforge.stages.evaluate:COMMAND",
+    "report": "lmforge.stages.report:COMMAND",
+    "generate": "lmforge.generation:COMMAND",
+    "run": "lmforge.pipeline:COMMAND",
 }
+# The one-line help of each command, here so that `lmforge --help` needs no imports.
+HELP = {
+    "world": "generate the built-in world: corpus, instruction data, prompts (oracle judge)",
+    "tokenizer": "tokenizer train: a byte-level BPE tokenizer with chat special tokens",
+    "data": "data prepare: tokenize a corpus into token shards",
+    "pretrain": "pretrain a Transformer (objective clm or mlm)",
+    "sft": "supervised instruction fine-tuning, loss on responses only",
+    "sample": "write K candidate responses per prompt",
+    "label": "rank candidates with a judge into the seed's ranked format",
+    "rm": "rm train: train a reward model; rm score: score records with one",
+    "ppo": "RLHF with PPO against a reward model",
+    "eval": "evaluate policies on held-out prompts with a judge",
+    "report": "the report (tables and plots) of a run directory",
+    "generate": "sample text from a checkpoint",
+    "run": "the whole InstructGPT pipeline with a report",
+}
+DEFAULT_SUBCOMMAND = {"rm": "train"}  # `lmforge rm --config ...` trains, as before subcommands existed
+
+
+@dataclass(frozen=True)
+class Flag:
+    """`--name VALUE` sets config key `key` (a bool key becomes a switch; a list key takes several values)."""
+    name: str
+    key: str
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `lmforge` command: its typed config, its common flags, and `run(cfg)` (or `run(cfg, resume)`)."""
+    prog: str
+    description: str
+    config: type
+    run: Callable
+    flags: tuple[Flag, ...] = ()
+    examples: tuple[str, ...] = ()
+    resume: bool = False               # the command has --resume (training stages)
+
+    def parser(self) -> argparse.ArgumentParser:
+        epilog = ["config keys (YAML file or key=value; defaults in brackets):", *key_help(self.config)]
+        if self.examples:
+            epilog += ["", "examples:", *(f"  {e}" for e in self.examples)]
+        p = argparse.ArgumentParser(prog=self.prog, description=self.description, epilog="\n".join(epilog),
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", help="YAML config file (see configs/)")
+        for f in self.flags:
+            tp = key_type(self.config, f.key)
+            if tp is bool:
+                p.add_argument(f.name, dest=f.key, action="store_const", const="true", help=f.help)
+            elif typing.get_origin(tp) is list:
+                p.add_argument(f.name, dest=f.key, nargs="+", action="extend", metavar="VALUE", help=f.help)
+            else:
+                p.add_argument(f.name, dest=f.key, metavar="VALUE", help=f.help)
+        if self.resume:
+            p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output directory")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (keys listed below)")
+        return p
+
+    def tree(self, args: argparse.Namespace) -> dict:
+        """The raw config tree: the --config file <- flags <- key=value overrides."""
+        tree = read_yaml(args.config) if args.config else {}
+        for f in self.flags:
+            value = getattr(args, f.key, None)
+            if value is not None:
+                tree = _merge(tree, _key_tree(f.key, _flag_value(key_type(self.config, f.key), value)))
+        return _merge(tree, parse_overrides(args.overrides))
+
+    def load(self, args: argparse.Namespace):
+        """The typed config, every key and type checked against the dataclass."""
+        return load_config(self.config, base=self.tree(args))
+
+    def main(self, argv: list[str]) -> None:
+        args = self.parser().parse_args(argv)
+        cfg = self.load(args)
+        if args.print_config:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+            return
+        self.run(cfg, args.resume) if self.resume else self.run(cfg)
+
+
+def _key_tree(key: str, value) -> dict:
+    tree: dict = {}
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def _flag_value(tp, value):
+    """A flag's text as the key's type expects it: strings stay verbatim, other values parse as YAML scalars."""
+    if tp is bool:
+        return True
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp) or (str,)
+        return [v if item is str else yaml.safe_load(v) for v in value]
+    return value if tp is str else yaml.safe_load(value)
+
+
+def key_type(cls: type, key: str):
+    """The annotation of a dotted key of a config dataclass."""
+    tp = cls
+    for part in key.split("."):
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """name -> the `# comment` after each field in the dataclass source: the documentation --help shows."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, re.M)}
+
+
+def key_help(cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:
+    """One line per config key (nested dataclasses flattened), with its default and its source comment."""
+    lines, comments, hints = [], _field_comments(cls), typing.get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += key_help(type(value), f"{prefix}{f.name}.")
+            continue
+        tp = hints[f.name]
+        name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        shown = f"  {prefix}{f.name} ({name}) [{value!r}]"
+        note = comments.get(f.name, "")
+        lines.append(f"{shown:<52} {note}" if note else shown)
+    return lines
+
+
+def _find(argv: list[str]) -> tuple[Command | None, list[str], str]:
+    """The Command named by argv (with a subcommand where the command has them), the rest of argv, an error."""
+    name = argv[0]
+    entry = COMMANDS.get(name)
+    if entry is None:
+        return None, [], f"unknown command '{name}'"
+    rest = argv[1:]
+    if isinstance(entry, dict):
+        if rest and rest[0] in entry:
+            entry, rest = entry[rest[0]], rest[1:]
+        elif name in DEFAULT_SUBCOMMAND and not (rest and rest[0] in ("-h", "--help")):
+            entry = entry[DEFAULT_SUBCOMMAND[name]]
+        else:
+            subs = ", ".join(entry)
+            return None, [], f"'{name}' needs a subcommand ({subs}): lmforge {name} {next(iter(entry))} --help"
+    module, attr = entry.split(":")
+    return getattr(importlib.import_module(module), attr), rest, ""
 
 
 def usage() -> str:
-    lines = ["usage: lmforge COMMAND [args]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `lmforge COMMAND --help` for a command's options."]
+    lines = ["usage: lmforge COMMAND [SUBCOMMAND] [--config FILE] [--flag VALUE ...] [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<10} {HELP[name]}" for name in COMMANDS]
+    lines += ["", "Run `lmforge COMMAND --help` for a command's flags and every config key."]
     return "\n".join(lines)
 
 
@@ -42,12 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     name = argv[0]
-    if name not in COMMANDS:
-        print(f"lmforge: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
-        return 2
     try:
-        module = importlib.import_module(COMMANDS[name][0])
-        module.cli(argv[1:])
+        command, rest, problem = _find(argv)
+        if command is None:
+            print(f"lmforge: {problem}\n\n{usage()}", file=sys.stderr)
+            return 2
+        command.main(rest)
     except LmforgeError as e:
         print(f"lmforge {name}: error: {e}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 
 T = TypeVar("T")
 
@@ -101,7 +101,10 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
         raise LmforgeError(f"config '{prefix.rstrip('.') or cls.__name__}': {e}") from None
     validate = getattr(obj, "validate", None)
     if validate is not None:
-        validate()
+        try:
+            validate()
+        except ConfigError as e:  # validate() names keys relative to its own config: add the section path
+            raise e.under(prefix) from None
     return obj
 
 
@@ -147,26 +150,16 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> T:
-    """Build a `cls` from defaults <- `base` <- YAML file <- overrides, validating every key and type."""
+                base: dict | None = None, prefix: str = "") -> T:
+    """Build a `cls` from defaults <- `base` <- YAML file <- overrides, validating every key and type.
+    `prefix` ("ppo.") is the section the config sits in, so errors name the full key path."""
     data = dict(base or {})
     if path is not None:
         data = _merge(data, read_yaml(path))
     data = _merge(data, parse_overrides(overrides or []))
-    return _build(cls, data)
+    return _build(cls, data, prefix)
 
 
 def to_dict(cfg) -> dict:
     """A dataclass config as plain dict (for config.json and logs)."""
     return dataclasses.asdict(cfg)
-
-
-def recipe_parser(prog: str, description: str):
-    """argparse parser with the recipe convention: `--config FILE` then `key=value` overrides."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output directory")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=3e-4 model.hidden_size=256")
-    return p

@@ -104,7 +104,7 @@ def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise LmforgeError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise LmforgeError(f"{out}: exists and is not a prepared data directory; choose another --out")
+        raise LmforgeError(f"config key 'out': {out} exists and is not a prepared data directory; choose another")
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -147,11 +147,11 @@ def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
     Returns the manifest. Written atomically: on any error no output directory is left behind.
     """
     if not inputs:
-        raise LmforgeError("no --input files given")
+        raise LmforgeError("config key 'input': no corpus files given")
     if not 0.0 <= val_fraction < 1.0:
-        raise LmforgeError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise LmforgeError(f"config key 'val_fraction' must be in [0, 1), got {val_fraction}")
     if chunk_docs <= 0 or shard_tokens <= 0:
-        raise LmforgeError("chunk_docs and shard_tokens must be positive")
+        raise LmforgeError("config key 'shard_tokens' must be positive (and chunk_docs)")
     for p in inputs:  # fail fast on a missing file, before tokenizing the others
         if not Path(p).is_file():
             raise LmforgeError(f"{p}: input file not found")
@@ -301,25 +301,3 @@ class TokenShards:
             if tail > 0:
                 chunk = torch.from_numpy(np.asarray(shard[n_windows * seq_len:], dtype=np.int64))
                 yield chunk[None, :-1], chunk[None, 1:]
-
-
-def cli(argv: list[str]) -> None:
-    """`lmforge data prepare --input FILE... --tokenizer DIR --out DIR [--val-fraction F]`."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="lmforge data")
-    sub = p.add_subparsers(dest="action", required=True)
-    prep = sub.add_parser("prepare", help="tokenize .txt/.jsonl(.gz) files into token shards for pretraining")
-    prep.add_argument("--input", nargs="+", required=True, help="corpus files (.txt: blank-line separated documents; "
-                                                                 ".jsonl: one {\"text\": ...} per line; .gz forms)")
-    prep.add_argument("--tokenizer", required=True, help="tokenizer directory (lmforge tokenizer train)")
-    prep.add_argument("--out", required=True, help="output directory")
-    prep.add_argument("--val-fraction", type=float, default=0.005, help="fraction of documents held out (default 0.005)")
-    prep.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default 100M)")
-    args = p.parse_args(argv)
-    m = prepare_data(args.input, args.tokenizer, args.out, args.val_fraction, shard_tokens=args.shard_tokens,
-                     verbose=True)
-    tr, va = m["splits"]["train"], m["splits"]["val"]
-    print(f"prepared {args.out}: train {tr['tokens']:,} tokens ({tr['documents']:,} docs, {len(tr['shards'])} shards), "
-          f"val {va['tokens']:,} tokens ({va['documents']:,} docs), dtype {m['dtype']}")
-    print(f"{m['seconds']:.1f}s, {m['tokens_per_s']:,.0f} tokens/s, {m['mb_per_s']:.2f} MB/s")

@@ -8,11 +8,12 @@ sees the same positions as it would alone. Log-probs of the sampled tokens alway
 from __future__ import annotations
 
 import codecs
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from lmforge import chat
 from lmforge.model import KVCache, Transformer
 
 
@@ -113,6 +114,36 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     return Generation(out_tokens, out_logps, finished)
 
 
+def generate_batched(model, tok, prompt_ids: list[list[int]], params: SamplingParams, batch_size: int,
+                     seed: int, on_batch=None):
+    """Generate one response per row of `prompt_ids`, batching rows of similar length together.
+
+    Returns (tokens, finished) in input order; a finished row's tokens end with its stop token. Rows are
+    sorted by length (stable), so the result is deterministic given the seed, the batch size and the inputs.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    stops = chat.stop_ids(tok)
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    tokens: list[list[int]] = [[] for _ in prompt_ids]
+    finished = [False] * len(prompt_ids)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        out = generate(model, [prompt_ids[i] for i in rows], params, stops, tok.special.pad, gen)
+        for i, toks, fin in zip(rows, out.tokens, out.finished):
+            tokens[i], finished[i] = toks, fin
+        if on_batch is not None:
+            on_batch(len(rows))
+    return tokens, finished
+
+
+def response_text(tok, tokens: list[int]) -> str:
+    """Text of a generated response: its tokens without the closing stop token."""
+    if tokens and tokens[-1] in chat.stop_ids(tok):
+        tokens = tokens[:-1]
+    return tok.decode(tokens)
+
+
 class Utf8Streamer:
     """Turn a stream of token ids into text chunks that never split a multi-byte UTF-8 character."""
 
@@ -127,35 +158,44 @@ class Utf8Streamer:
         return self.decoder.decode(b"", final=True)
 
 
-def cli(argv: list[str]) -> None:
-    """`lmforge generate --model DIR --prompt TEXT ...`: stream sampled text to stdout."""
-    import argparse
+@dataclass
+class GenerateConfig:
+    """`lmforge generate` settings."""
+    model: str = ""                 # checkpoint directory
+    prompt: list[str] = field(default_factory=list)  # prompt texts (one batch); a single prompt is streamed
+    raw: bool = False               # continue the raw text instead of answering it as a chat user turn
+    max_new_tokens: int = 64
+    temperature: float = 0.8        # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        from lmforge.errors import ConfigError
+
+        if not self.model:
+            raise ConfigError("model", "is required")
+        if not self.prompt:
+            raise ConfigError("prompt", "needs at least one prompt text")
+
+
+def generate_text(cfg: GenerateConfig) -> None:
+    """Sample a response to each prompt and print it (token by token for a single prompt, UTF-8 safe)."""
     import sys
 
-    from lmforge.chat import render_prompt, stop_ids
     from lmforge.checkpoint import load_model
     from lmforge.training import pick_device
 
-    p = argparse.ArgumentParser(prog="lmforge generate", description="Sample from a checkpoint (KV cache, streaming).")
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    p.add_argument("--raw", action="store_true", help="continue the raw text instead of a chat user turn")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
-    device = pick_device(args.device)
-    model, tok, _ = load_model(args.model, head="lm", device=device)
-    if args.raw:
-        prompts = [[tok.special.bos] + tok.encode(t) for t in args.prompt]
+    device = pick_device(cfg.device)
+    model, tok, _ = load_model(cfg.model, head="lm", device=device)
+    if cfg.raw:
+        prompts = [[tok.special.bos] + tok.encode(t) for t in cfg.prompt]
     else:
-        prompts = [render_prompt(tok, [{"role": "user", "content": t}]) for t in args.prompt]
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    stops = stop_ids(tok)
+        prompts = [chat.render_prompt(tok, [{"role": "user", "content": t}]) for t in cfg.prompt]
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    stops = chat.stop_ids(tok)
     if len(prompts) == 1:  # stream a single prompt token by token
         streamer = Utf8Streamer(tok)
 
@@ -168,5 +208,21 @@ def cli(argv: list[str]) -> None:
         sys.stdout.write(streamer.flush() + "\n")
         return
     out = generate(model, prompts, params, stops, tok.special.pad, gen)
-    for prompt, tokens in zip(args.prompt, out.tokens):
+    for prompt, tokens in zip(cfg.prompt, out.tokens):
         print(f"### {prompt}\n{tok.decode(tokens)}\n")
+
+
+def _command():
+    from lmforge.cli import Command, Flag
+
+    return Command(
+        "lmforge generate", "Sample from a checkpoint (KV cache, streaming).", GenerateConfig, generate_text,
+        flags=(Flag("--model", "model", "checkpoint directory"), Flag("--prompt", "prompt", "prompt text (repeatable)"),
+               Flag("--raw", "raw", "continue the raw text instead of a chat user turn"),
+               Flag("--max-new-tokens", "max_new_tokens"), Flag("--temperature", "temperature"),
+               Flag("--seed", "seed")),
+        examples=('lmforge generate --model runs/lmforge-tiny/ppo --prompt "What is 2 + 3?"',
+                  'lmforge generate --model runs/lmforge-tiny/pretrain --raw --prompt "The apple is" top_k=50'))
+
+
+COMMAND = _command()

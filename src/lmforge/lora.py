@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.model import Transformer
 
 # The linear layers of a Llama block, by their Hugging Face names. "all-linear" means all of them (as in PEFT,
@@ -33,17 +33,17 @@ class LoraConfig:
 
     def validate(self) -> None:
         if self.rank < 0:
-            raise LmforgeError("config key 'lora.rank' must be >= 0 (0 = LoRA off)")
+            raise ConfigError("rank", "must be >= 0 (0 = LoRA off)")
         if not 0.0 <= self.dropout < 1.0:
-            raise LmforgeError("config key 'lora.dropout' must be in [0, 1)")
+            raise ConfigError("dropout", "must be in [0, 1)")
         if self.rank and self.alpha <= 0:
-            raise LmforgeError("config key 'lora.alpha' must be positive")
+            raise ConfigError("alpha", "must be positive")
         for t in self.targets:
             if t not in LINEAR_NAMES + ("all-linear",):
-                raise LmforgeError(f"config key 'lora.targets': unknown layer {t!r} "
+                raise ConfigError("targets", f"names an unknown layer {t!r} "
                                    f"(expected {', '.join(LINEAR_NAMES)} or all-linear)")
         if self.rank and not self.targets:
-            raise LmforgeError("config key 'lora.targets' must name at least one layer")
+            raise ConfigError("targets", "must name at least one layer")
 
     def target_names(self) -> tuple[str, ...]:
         return LINEAR_NAMES if "all-linear" in self.targets else tuple(self.targets)

@@ -1,201 +1,219 @@
-"""`lmforge run`: the whole InstructGPT pipeline, stage after stage, with a report.
+"""`lmforge run`: the InstructGPT pipeline as a graph of stages, driven by one table.
 
     world -> tokenizer -> data -> pretrain -> sft -> sample -> label -> rm -> ppo -> eval -> report
 
-Each stage writes OUT/<stage>/ (a checkpoint directory where the stage makes a model) and, when it finishes,
-OUT/<stage>/stage.json with a fingerprint of its config and of everything upstream. A stage whose
-fingerprint matches is skipped, so an interrupted run resumes where it stopped; `--from STAGE` reruns from
-a stage. Every config and input is checked before the first stage trains.
+Each row of STAGES (lmforge.stage.Stage) names the artifacts a stage reads and writes. A run plans the graph:
+a stage runs when a later stage needs one of its outputs and the user did not supply it (`sources.*`), so
+`sources.base_model=DIR` skips tokenizer, data and pretraining, and `sources.preferences=FILE` skips sampling and
+labelling. Branch stages (policy optimisers after SFT: ppo; dpo and grpo when they land) run when listed in
+`branches`. Evaluation compares every policy the run produces (the stages with `policy` set).
+
+Each stage writes OUT/<stage>/ and, when it finishes, OUT/<stage>/stage.json with a fingerprint of its config
+and of its inputs' fingerprints. A stage whose fingerprint matches is skipped, so an interrupted run resumes
+where it stopped; `--from STAGE` reruns from a stage. Every config and user file is checked before the first
+stage runs. Adding a stage: write its module (a config dataclass, a run function, a STAGE) and add one line
+to STAGES.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.config import _merge, load_config, read_yaml, to_dict
+from lmforge.cli import Command, Flag, key_help
+from lmforge.config import _build, _merge, load_config, read_yaml, to_dict
 from lmforge.errors import LmforgeError
+from lmforge.stage import POLICIES, Stage, StageContext
+from lmforge.stages import data, evaluate, label, ppo, pretrain, report, rm, sample, sft, tokenizer, world
 
-STAGES = ["world", "tokenizer", "data", "pretrain", "sft", "sample", "label", "rm", "ppo", "eval", "report"]
+STAGES: list[Stage] = [
+    world.STAGE,
+    tokenizer.STAGE,
+    data.STAGE,
+    pretrain.STAGE,
+    sft.STAGE,
+    sample.STAGE,
+    label.STAGE,
+    rm.STAGE,
+    ppo.STAGE,
+    evaluate.STAGE,
+    report.STAGE,
+]
 PRESET_DIR = Path(__file__).parent / "presets"
 STAGE_FILE = "stage.json"
 
 
 @dataclass
 class Sources:
-    """The user's own files; empty = the built-in generated world (lmforge.world)."""
+    """The user's own files, each replacing the stage that would make it; empty = the built-in world."""
     corpus: list[str] = field(default_factory=list)   # pretraining text (.txt/.jsonl/.gz)
     sft: str = ""              # instruction data (seed format or chat records)
     preferences: str = ""      # ranked / scored / pairwise data: skips sample + label
     rl_prompts: str = ""       # prompts for sampling candidates and PPO
-    eval_prompts: str = ""     # held-out prompts (evaluation needs the oracle: built-in world prompts)
+    eval_prompts: str = ""     # held-out prompts (the oracle judge needs the built-in world's prompts)
     tokenizer: str = ""        # an existing tokenizer directory: skips tokenizer training
-    base_model: str = ""       # an existing pretrained checkpoint: skips data + pretrain
+    base_model: str = ""       # an existing pretrained checkpoint: skips tokenizer, data and pretraining
+
+    def artifacts(self) -> dict[str, Any]:
+        """artifact name -> the user's path, for the sources that are set."""
+        named = {"corpus": self.corpus, "sft_data": self.sft, "preferences": self.preferences,
+                 "rl_prompts": self.rl_prompts, "eval_prompts": self.eval_prompts, "tokenizer": self.tokenizer,
+                 "base_model": self.base_model}
+        return {k: v for k, v in named.items() if v}
+
+    def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            for p in value if isinstance(value, list) else [value] if value else []:
+                is_dir = f.name in ("tokenizer", "base_model")
+                if not (Path(p).is_dir() if is_dir else Path(p).is_file()):
+                    raise LmforgeError(f"config key 'sources.{f.name}': {'directory' if is_dir else 'file'} "
+                                       f"not found: {p}")
 
 
 @dataclass
 class RunConfig:
-    """`lmforge run` settings. Stage sections (pretrain, sft, rm, ppo) are overrides of that stage's own
-    config (see configs/); paths between stages are filled in by the pipeline."""
-    out: str = "runs/lmforge"
-    preset: Literal["tiny", "default"] = "default"
-    world_preset: str = ""              # default: same as preset
-    seed: int = 0
-    device: str = "auto"
+    """`lmforge run` settings. Every stage also has a section named after it (`sft.optim.lr=1e-3`, see
+    `lmforge sft --help` for its keys); paths between stages are set by the pipeline."""
+    out: str = "runs/lmforge"           # the run directory: one sub-directory per stage
+    preset: Literal["tiny", "default"] = "default"  # model and data sizes (src/lmforge/presets/run_<preset>.yaml)
+    seed: int = 0                       # world, sampling and evaluation seed (training stages have their own)
+    device: str = "auto"                # auto: cuda when available
+    branches: list[str] = field(default_factory=lambda: ["ppo"])  # policy optimisers to run after SFT
     sources: Sources = field(default_factory=Sources)
-    vocab_size: int = 4096
-    k: int = 4                          # candidates per prompt for ranking (InstructGPT: 4 to 9)
-    sample_temperature: float = 1.0
-    sample_prompts: int = 0             # 0: all RL prompts are used to collect rankings
-    max_new_tokens: int = 48
-    judge: Literal["oracle", "openai"] = "oracle"
-    judge_url: str = ""
-    judge_model: str = ""
-    eval_max_new_tokens: int = 48
-    pretrain: dict = field(default_factory=dict)
-    sft: dict = field(default_factory=dict)
-    rm: dict = field(default_factory=dict)
-    ppo: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.k < 2:
-            raise LmforgeError("config key 'k' must be at least 2 (rankings need two candidates)")
-        if self.judge == "openai" and not (self.judge_url and self.judge_model):
-            raise LmforgeError("config keys 'judge_url' and 'judge_model' are required with judge=openai")
+    sections: dict = field(default_factory=dict)   # the stage sections as given (set from top-level keys)
 
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _file_fingerprint(path: str) -> str:
+def _path_fingerprint(path: str) -> str:
+    """Identity of a user file or directory: path, size and modification time (of config/tokenizer files in a
+    directory), so editing a source reruns the stages that read it."""
     p = Path(path)
-    st = p.stat()
-    return f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    files = [p] if p.is_file() else sorted(q for q in p.glob("*.json") if q.is_file())
+    return f"{p.resolve()}:" + ",".join(f"{q.stat().st_size}:{int(q.stat().st_mtime)}" for q in files)
 
 
 class Pipeline:
     """Plans and runs the stages of one `lmforge run` (see the module docstring)."""
 
-    def __init__(self, cfg: RunConfig, from_stage: str | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig, from_stage: str | None = None, stages: list[Stage] | None = None):
+        self.cfg, self.from_stage = cfg, from_stage
+        self.table = STAGES if stages is None else stages
         self.out = Path(cfg.out)
-        self.from_stage = from_stage
-        self.src = cfg.sources
-        self.world_dir = self.out / "world"
-        self.stage_cfgs: dict[str, Any] = {}
-        self.fingerprints: dict[str, str] = {}
-        self.summaries: dict[str, dict] = {}
-        self.seconds: dict[str, float] = {}
-        self.builtin = not (self.src.sft and self.src.corpus or self.src.base_model)
+        self.plan_: list[Stage] = []
+        self.sections: dict[str, Any] = {}
+        self.ctx: StageContext | None = None
 
-    # ------------------------------------------------------------------ paths
-    def path(self, stage: str) -> Path:
-        return self.out / stage
+    # ------------------------------------------------------------------ planning
+    def enabled(self) -> list[Stage]:
+        branches = [s.name for s in self.table if s.branch]
+        for b in self.cfg.branches:
+            if b not in branches:
+                raise LmforgeError(f"config key 'branches': unknown branch '{b}' (branches: {', '.join(branches)})")
+        return [s for s in self.table if not s.branch or s.name in self.cfg.branches]
 
-    def files(self) -> dict[str, Any]:
-        w, s = self.world_dir, self.src
-        return {
-            "corpus": s.corpus or [str(w / "corpus.txt")],
-            "sft": s.sft or str(w / "sft.jsonl"),
-            "rl_prompts": s.rl_prompts or str(w / "rl_prompts.jsonl"),
-            "eval_prompts": s.eval_prompts or str(w / "eval_prompts.jsonl"),
-            "preferences": s.preferences or str(self.path("label") / "ranked.jsonl"),
-            "candidates": str(self.path("sample") / "candidates.jsonl"),
-            "tokenizer": s.tokenizer or str(self.path("tokenizer")),
-            "base_model": s.base_model or str(self.path("pretrain")),
-        }
+    def expand(self, inputs) -> list[str]:
+        """A stage's inputs with POLICIES replaced by every policy artifact of the run."""
+        return [a for i in inputs for a in (self.policy_artifacts if i == POLICIES else [i])]
 
-    # ------------------------------------------------------------------ planning and checks
-    def plan(self) -> list[str]:
-        """The stages this run needs, in order, after validating every config and user file."""
-        from lmforge.ppo import PPOConfig
-        from lmforge.pretrain import PretrainConfig
-        from lmforge.reward import RMConfig
-        from lmforge.sft import SFTConfig
+    def plan(self) -> list[Stage]:
+        """The stages this run needs, in table order, with their configs wired and validated."""
+        names = [s.name for s in self.table]
+        for key in self.cfg.sections:
+            if key not in names:
+                raise LmforgeError(f"unknown config key '{key}' (run keys: {', '.join(f.name for f in fields(RunConfig) if f.name != 'sections')}; stages: {', '.join(names)})")
+        if self.from_stage is not None and self.from_stage not in names:
+            raise LmforgeError(f"--from: unknown stage '{self.from_stage}' (stages: {', '.join(names)})")
+        self.cfg.sources.validate()
+        provided = self.cfg.sources.artifacts()
+        enabled = self.enabled()
+        self.policy_artifacts = [next(iter(s.outputs)) for s in enabled if s.policy]
+        expand = self.expand
 
-        c, f = self.cfg, self.files()
-        stages = list(STAGES)
-        if not self.builtin and not (c.sources.eval_prompts or c.sources.rl_prompts):
-            stages.remove("world")
-        if c.sources.tokenizer:
-            stages.remove("tokenizer")
-        if c.sources.base_model:
-            stages = [s for s in stages if s not in ("tokenizer", "data", "pretrain")]
-        if c.sources.preferences:
-            stages = [s for s in stages if s not in ("sample", "label")]
-        if self.from_stage is not None and self.from_stage not in STAGES:
-            raise LmforgeError(f"--from: unknown stage '{self.from_stage}' (stages: {', '.join(STAGES)})")
-        for key, value in (("sources.corpus", c.sources.corpus), ("sources.sft", [c.sources.sft]),
-                           ("sources.preferences", [c.sources.preferences]), ("sources.rl_prompts", [c.sources.rl_prompts]),
-                           ("sources.eval_prompts", [c.sources.eval_prompts])):
-            for p in value:
-                if p and not Path(p).is_file():
-                    raise LmforgeError(f"config key '{key}': file not found: {p}")
-        for key, value in (("sources.tokenizer", c.sources.tokenizer), ("sources.base_model", c.sources.base_model)):
-            if value and not Path(value).is_dir():
-                raise LmforgeError(f"config key '{key}': directory not found: {value}")
+        consumed = {a for s in enabled for a in expand(s.inputs)}
+        needed: set[str] = set()
+        plan: list[Stage] = []
+        for s in reversed(enabled):
+            outs = list(s.outputs)
+            if outs and all(a in provided for a in outs):
+                continue  # the user supplied what this stage makes
+            if s.always or not outs or not consumed & set(outs) or needed & set(outs):
+                plan.insert(0, s)
+                needed |= set(expand(s.inputs))
+        artifacts = dict(provided)
+        for s in plan:
+            for a, rel in s.outputs.items():
+                artifacts.setdefault(a, str(self.out / s.name / rel) if rel else str(self.out / s.name))
+        for s in plan:
+            missing = [a for a in expand(s.inputs) if a not in artifacts and a not in self.policy_artifacts]
+            if missing:
+                raise LmforgeError(f"stage '{s.name}' needs {', '.join(missing)}, which no stage of this run makes "
+                                   "(set the matching sources.* key)")
+        policies = {s.policy: artifacts[next(iter(s.outputs))] for s in enabled
+                    if s.policy and next(iter(s.outputs)) in artifacts}
+        self.ctx = StageContext(self.out, self.cfg.seed, self.cfg.device, artifacts, policies, [s.name for s in plan])
+        self.sections = {s.name: self._section(s) for s in plan}
+        self._check_judges()
         self._check_tokenizers()
-        dev = {"device": c.device}
-        self.stage_cfgs = {
-            "pretrain": self._stage_config("pretrain", PretrainConfig, {**dev, "data": str(self.path("data")),
-                                                                       "out": str(self.path("pretrain")), "overwrite": True}),
-            "sft": self._stage_config("sft", SFTConfig, {**dev, "init": f["base_model"], "data": f["sft"],
-                                                        "out": str(self.path("sft")), "overwrite": True}),
-            "rm": self._stage_config("rm", RMConfig, {**dev, "init": str(self.path("sft")), "data": f["preferences"],
-                                                     "reference_data": f["sft"], "out": str(self.path("rm"))}),
-            "ppo": self._stage_config("ppo", PPOConfig, {**dev, "sft_model": str(self.path("sft")),
-                                                        "reward_model": str(self.path("rm")),
-                                                        "prompts": f["rl_prompts"], "out": str(self.path("ppo"))}),
-        }
-        return stages
+        self.plan_ = plan
+        return plan
 
-    def _stage_config(self, name: str, cls, fixed: dict):
-        user = getattr(self.cfg, name)
-        try:
-            return load_config(cls, base=_merge(user, fixed))
-        except LmforgeError as e:
-            raise LmforgeError(f"section '{name}': {e}") from None
+    def _section(self, stage: Stage):
+        """The stage's typed config: the user's section with the pipeline's wiring on top."""
+        user = self.cfg.sections.get(stage.name) or {}
+        if not isinstance(user, dict):
+            raise LmforgeError(f"config key '{stage.name}': expected a mapping of {stage.name} settings")
+        wired = stage.wire(self.ctx) if stage.wire else {}
+        return load_config(stage.config, base=_merge(user, wired), prefix=f"{stage.name}.")
+
+    def _check_judges(self) -> None:
+        """Build every judge the run will use, so an unknown or misconfigured judge fails before training."""
+        from lmforge.judges import JudgeConfig, make_judge
+
+        for section in self.sections.values():
+            judge = getattr(section, "judge", None)
+            if isinstance(judge, JudgeConfig):
+                make_judge(judge)
 
     def _check_tokenizers(self) -> None:
         """A user tokenizer and a user base model must agree (their token ids mean different things otherwise)."""
         src = self.cfg.sources
         if src.tokenizer and src.base_model:
             from lmforge.checkpoint import read_config
-            from lmforge.tokenizer import Tokenizer
+            from lmforge.tokenizer import Tokenizer, check_same_tokenizer
 
-            tok_fp = Tokenizer.load(src.tokenizer).fingerprint()
-            model_fp = read_config(src.base_model).get("lmforge", {}).get("tokenizer_fingerprint")
-            if model_fp and model_fp != tok_fp:
-                raise LmforgeError(f"tokenizer mismatch between stages: sources.tokenizer ({src.tokenizer}) is not the "
-                                   f"tokenizer of sources.base_model ({src.base_model})")
+            check_same_tokenizer(Tokenizer.load(src.tokenizer).fingerprint(),
+                                 read_config(src.base_model).get("lmforge", {}).get("tokenizer_fingerprint"),
+                                 f"sources.tokenizer ({src.tokenizer})", f"sources.base_model ({src.base_model})")
 
-    def fingerprint(self, stage: str, upstream: str) -> str:
-        c, f = self.cfg, self.files()
-        spec: dict[str, Any] = {"stage": stage, "upstream": upstream, "seed": c.seed}
-        if stage == "world":
-            spec.update(preset=c.world_preset or c.preset)
-        elif stage == "tokenizer":
-            spec.update(vocab=c.vocab_size, corpus=[_file_fingerprint(p) for p in f["corpus"]] if not self.builtin else None)
-        elif stage == "data":
-            spec.update(corpus=[_file_fingerprint(p) for p in f["corpus"]] if not self.builtin else None)
-        elif stage in self.stage_cfgs:
-            spec.update(config=to_dict(self.stage_cfgs[stage]))
-        elif stage == "sample":
-            spec.update(k=c.k, t=c.sample_temperature, n=c.sample_prompts, max_new=c.max_new_tokens)
-        elif stage == "label":
-            spec.update(judge=c.judge, url=c.judge_url, model=c.judge_model)
-        elif stage == "eval":
-            spec.update(max_new=c.eval_max_new_tokens)
-        return _hash(spec)
+    def resolved_config(self) -> dict:
+        """The run config with every stage section as the stage will get it (for --print-config)."""
+        self.plan()
+        core = to_dict(self.cfg)
+        core.pop("sections")
+        return {**core, **{name: to_dict(sec) for name, sec in self.sections.items()}}
+
+    # ------------------------------------------------------------------ fingerprints
+    def fingerprint(self, stage: Stage, fps: dict[str, str]) -> str:
+        """Hash of the stage's config and of what it reads: a producer's fingerprint, or a user file's identity."""
+        producers = {a: s.name for s in self.plan_ for a in s.outputs}
+        inputs = {}
+        for a in self.expand(stage.inputs):
+            if a not in self.ctx.artifacts:
+                continue  # a policy this run does not make
+            p = self.ctx.artifacts[a]
+            inputs[a] = fps.get(producers.get(a)) or [_path_fingerprint(x) for x in (p if isinstance(p, list) else [p])]
+        return _hash({"stage": stage.name, "config": to_dict(self.sections[stage.name]), "inputs": inputs})
 
     def done(self, stage: str, fp: str) -> dict | None:
-        marker = self.path(stage) / STAGE_FILE
+        marker = self.out / stage / STAGE_FILE
         if not marker.is_file():
             return None
         rec = json.loads(marker.read_text(encoding="utf-8"))
@@ -203,130 +221,106 @@ class Pipeline:
 
     # ------------------------------------------------------------------ running
     def run(self) -> dict:
-        stages = self.plan()
+        plan = self.plan()
         self.out.mkdir(parents=True, exist_ok=True)
-        upstream, forced = "", False
-        for stage in stages:
-            fp = self.fingerprint(stage, upstream)
-            forced = forced or stage == self.from_stage
-            prev = None if forced else self.done(stage, fp)
-            if prev is not None and stage != "report":
-                print(f"[lmforge run] {stage}: up to date, skipped")
-                self.summaries[stage], self.seconds[stage] = prev.get("summary", {}), prev.get("seconds", 0.0)
-            else:
-                print(f"[lmforge run] {stage} ...", flush=True)
-                t0 = time.perf_counter()
-                summary = getattr(self, f"stage_{stage}")() or {}
-                secs = time.perf_counter() - t0
-                self.summaries[stage], self.seconds[stage] = summary, secs
-                if stage != "report":
-                    marker = {"fingerprint": fp, "seconds": secs, "summary": summary}
-                    (self.path(stage) / STAGE_FILE).write_text(json.dumps(marker, indent=2, default=str), encoding="utf-8")
-                print(f"[lmforge run] {stage}: done in {secs:.1f}s", flush=True)
-            upstream = fp
-        return self.summaries
-
-    def stage_world(self) -> dict:
-        from lmforge.world import generate_world
-
-        return generate_world(self.world_dir, self.cfg.world_preset or self.cfg.preset, seed=self.cfg.seed)
-
-    def stage_tokenizer(self) -> dict:
-        from lmforge.tokenizer import train_tokenizer
-
-        tok = train_tokenizer(self.files()["corpus"], self.cfg.vocab_size, self.path("tokenizer"))
-        return {"vocab_size": tok.vocab_size}
-
-    def stage_data(self) -> dict:
-        from lmforge.data import prepare_data
-
-        return prepare_data(self.files()["corpus"], self.files()["tokenizer"], self.path("data"))
-
-    def stage_pretrain(self) -> dict:
-        from lmforge.pretrain import run_pretrain
-
-        return run_pretrain(self.stage_cfgs["pretrain"])
-
-    def stage_sft(self) -> dict:
-        from lmforge.sft import run_sft
-
-        return run_sft(self.stage_cfgs["sft"])
-
-    def stage_sample(self) -> dict:
-        from lmforge.sample import sample_candidates
-
-        prompts = self.files()["rl_prompts"]
-        if self.cfg.sample_prompts:  # a subset of the RL prompts for the rankings
-            lines = Path(prompts).read_text(encoding="utf-8").splitlines()[: self.cfg.sample_prompts]
-            self.path("sample").mkdir(parents=True, exist_ok=True)
-            prompts = str(self.path("sample") / "prompts.jsonl")
-            Path(prompts).write_text("\n".join(lines) + "\n", encoding="utf-8")
-        return sample_candidates(self.path("sft"), prompts, self.files()["candidates"], k=self.cfg.k,
-                                 temperature=self.cfg.sample_temperature, max_new_tokens=self.cfg.max_new_tokens,
-                                 seed=self.cfg.seed, device=self.cfg.device)
-
-    def stage_label(self) -> dict:
-        from lmforge.label import label_candidates
-
-        self.path("label").mkdir(parents=True, exist_ok=True)
-        return label_candidates(self.files()["candidates"], self.files()["preferences"], judge=self.cfg.judge,
-                                url=self.cfg.judge_url or None, model=self.cfg.judge_model or None)
-
-    def stage_rm(self) -> dict:
-        from lmforge.reward import run_rm
-
-        return run_rm(self.stage_cfgs["rm"])
-
-    def stage_ppo(self) -> dict:
-        from lmforge.ppo import run_ppo
-
-        return run_ppo(self.stage_cfgs["ppo"])
-
-    def stage_eval(self) -> dict:
-        from lmforge.evaluate import evaluate_policies
-
-        policies = {"base": self.files()["base_model"], "sft": str(self.path("sft")), "ppo": str(self.path("ppo"))}
-        self.path("eval").mkdir(parents=True, exist_ok=True)
-        res = evaluate_policies(policies, self.files()["eval_prompts"], rm_dir=str(self.path("rm")),
-                                max_new_tokens=self.cfg.eval_max_new_tokens, seed=self.cfg.seed, device=self.cfg.device)
-        (self.path("eval") / "results.json").write_text(json.dumps(res, indent=2, ensure_ascii=False), encoding="utf-8")
-        return res
-
-    def stage_report(self) -> dict:
-        from lmforge.report import write_report
-
-        ev = self.summaries.get("eval", {})
-        rm = self.summaries.get("rm", {})
-        # Only a policy optimised against the reward model can hack it; the base model never saw it.
-        hacking = [name for name in ev.get("reward_hacking", []) if name != "base"]
-        results = {"policies": ev.get("policies", {}), "reward_hacking": hacking,
-                   "rm": {"heldout_accuracy": rm.get("heldout_accuracy")},
-                   "stages": {s: {"seconds": round(t, 1)} for s, t in self.seconds.items() if s != "report"}}
-        write_report(self.out, results)
-        return {"report": str(self.out / "report.md")}
+        fps: dict[str, str] = {}
+        forced = False
+        for stage in plan:
+            fp = fps[stage.name] = self.fingerprint(stage, fps)
+            forced = forced or stage.name == self.from_stage
+            prev = None if forced or stage.always else self.done(stage.name, fp)
+            if prev is not None:
+                print(f"[lmforge run] {stage.name}: up to date, skipped")
+                self.ctx.summaries[stage.name] = prev.get("summary", {})
+                continue
+            print(f"[lmforge run] {stage.name} ...", flush=True)
+            t0 = time.perf_counter()
+            summary = stage.run(self.ctx, self.sections[stage.name]) or {}
+            secs = time.perf_counter() - t0
+            self.ctx.summaries[stage.name] = summary
+            if not stage.always:
+                marker = {"fingerprint": fp, "seconds": secs, "summary": summary}
+                (self.out / stage.name).mkdir(parents=True, exist_ok=True)
+                (self.out / stage.name / STAGE_FILE).write_text(json.dumps(marker, indent=2, default=str),
+                                                                encoding="utf-8")
+            print(f"[lmforge run] {stage.name}: done in {secs:.1f}s", flush=True)
+        return self.ctx.summaries
 
 
-def load_run_config(config: str | None, preset: str | None, overrides: list[str]) -> RunConfig:
-    """Preset YAML (src/lmforge/presets/run_<preset>.yaml) <- user config file <- overrides."""
-    user = read_yaml(config) if config else {}
-    name = preset or user.get("preset") or "default"
+def run_config(tree: dict) -> RunConfig:
+    """A RunConfig from a raw config tree: run keys typed and checked, stage sections kept for the planner."""
+    run_keys = {f.name for f in fields(RunConfig)} - {"sections"}
+    core = {k: v for k, v in tree.items() if k in run_keys}
+    sections = {k: v for k, v in tree.items() if k not in run_keys}
+    return _build(RunConfig, {**core, "sections": sections})
+
+
+def with_preset(tree: dict) -> dict:
+    """The preset's YAML (src/lmforge/presets/run_<preset>.yaml) under the user's config."""
+    name = tree.get("preset") or "default"
     preset_file = PRESET_DIR / f"run_{name}.yaml"
-    if not preset_file.is_file():
-        raise LmforgeError(f"unknown preset '{name}' (presets: tiny, default)")
-    base = _merge(read_yaml(preset_file), {"preset": name})
-    return load_config(RunConfig, base=_merge(base, user), overrides=overrides)
+    if not isinstance(name, str) or not preset_file.is_file():
+        presets = ", ".join(sorted(p.stem.removeprefix("run_") for p in PRESET_DIR.glob("run_*.yaml")))
+        raise LmforgeError(f"config key 'preset': unknown preset {name!r} (presets: {presets})")
+    return _merge(_merge(read_yaml(preset_file), {"preset": name}), tree)
 
 
-def cli(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="lmforge run", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML run config (keys of RunConfig; stage sections override stage configs)")
-    p.add_argument("--preset", choices=["tiny", "default"], help="model and data sizes (default: default)")
-    p.add_argument("--out", help="output directory (default: runs/lmforge)")
-    p.add_argument("--from", dest="from_stage", metavar="STAGE", help=f"rerun from this stage ({', '.join(STAGES)})")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ppo.iterations=20 seed=1")
-    args = p.parse_args(argv)
-    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
-    cfg = load_run_config(args.config, args.preset, overrides)
+def load_run_config(config: str | None = None, preset: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Preset YAML <- user config file <- overrides."""
+    from lmforge.config import parse_overrides
+
+    tree = read_yaml(config) if config else {}
+    if preset:
+        tree["preset"] = preset
+    return run_config(with_preset(_merge(tree, parse_overrides(overrides or []))))
+
+
+def _run(cfg: RunConfig, from_stage: str | None = None) -> None:
     t0 = time.perf_counter()
-    Pipeline(cfg, from_stage=args.from_stage).run()
+    Pipeline(cfg, from_stage=from_stage).run()
     print(f"[lmforge run] finished in {time.perf_counter() - t0:.0f}s: report in {Path(cfg.out) / 'report.md'}")
+
+
+def _help_keys() -> list[str]:
+    lines = key_help(RunConfig, skip=("sections",))
+    lines += ["", "stage sections (keys of each stage's own command; paths between stages are set by the run):"]
+    commands = {"tokenizer": "tokenizer train", "data": "data prepare", "rm": "rm train"}
+    lines += [f"  {s.name + '.*':<14} see `lmforge {commands.get(s.name, s.name)} --help`" for s in STAGES]
+    return lines
+
+
+class RunCommand(Command):
+    """`lmforge run`: the Command grammar, plus --preset, --from and sections typed by the stage table."""
+
+    def parser(self):
+        p = super().parser()
+        p.epilog = "\n".join(["config keys (YAML file or key=value; defaults in brackets):", *_help_keys(), "",
+                              "examples:", *(f"  {e}" for e in self.examples)])
+        p.add_argument("--from", dest="from_stage", metavar="STAGE",
+                       help=f"rerun from this stage ({', '.join(s.name for s in STAGES)})")
+        return p
+
+    def load(self, args):
+        return run_config(with_preset(super().tree(args)))
+
+    def main(self, argv: list[str]) -> None:
+        import yaml
+
+        args = self.parser().parse_args(argv)
+        cfg = self.load(args)
+        if args.print_config:
+            print(yaml.safe_dump(Pipeline(cfg).resolved_config(), sort_keys=False, allow_unicode=True), end="")
+            return
+        _run(cfg, args.from_stage)
+
+
+COMMAND = RunCommand(
+    "lmforge run", "The whole InstructGPT pipeline on the built-in dataset (or your sources.*), with a report.",
+    RunConfig, _run,
+    flags=(Flag("--preset", "preset", "tiny (about two minutes) or default"), Flag("--out", "out", "run directory"),
+           Flag("--branches", "branches", "policy optimisers after SFT (ppo)")),
+    examples=("lmforge run --preset tiny",
+              "lmforge run ppo.iterations=50 seed=1",
+              "lmforge run --preset tiny sft.optim.lr=3e-4 ppo.actor_optim.lr=2e-5 eval.max_new_tokens=48",
+              "lmforge run --preset tiny sources.preferences=runs/lmforge-tiny/label/ranked.jsonl out=runs/own-prefs",
+              "lmforge run --preset tiny label.judge.name=oracle world.flaw_rates.verbose=0.8"))

@@ -15,14 +15,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from lmforge.chat import record_to_messages, render_prompt, stop_ids
+from lmforge.chat import stop_ids
 from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingParams, generate, left_pad
 from lmforge.model import Transformer
 from lmforge.rl_utils import logprobs_from_logits
-from lmforge.sample import (
-    iter_jsonl as read_jsonl,  # one JSONL reader (file:line errors) for every stage
-)
+from lmforge.prompts import Prompt, encode_prompts, read_prompts
 from lmforge.tokenizer import Tokenizer
 
 # reward_fn(prompt_texts, response_texts, response_ids) -> one float per response. prompt_texts are the last
@@ -30,29 +28,10 @@ from lmforge.tokenizer import Tokenizer
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
 
 
-@dataclass
-class Prompt:
-    ids: list[int]   # rendered chat prompt ending with the <|assistant|> role token
-    text: str        # the last user turn (what a reward function or a sample log shows)
-
-
 def load_prompts(path: str | Path, tok: Tokenizer, max_new_tokens: int, contexts: dict[str, int]) -> list[Prompt]:
-    """Parse every prompt record (instruction records without output, or chats ending with a user turn) and
-    check that prompt + max_new_tokens fits each model's context (`contexts`: model name -> positions)."""
-    prompts = []
-    for lineno, rec in read_jsonl(path):
-        try:
-            messages = record_to_messages(rec, require_response=False)
-        except ValueError as e:
-            raise LmforgeError(f"{path}:{lineno}: {e}") from None
-        ids = render_prompt(tok, messages)
-        for name, ctx in contexts.items():
-            if len(ids) + max_new_tokens > ctx:
-                raise LmforgeError(f"{path}:{lineno}: prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} "
-                                   f"exceeds the {name}'s context of {ctx} positions")
-        prompts.append(Prompt(ids, messages[-1]["content"]))
-    if not prompts:
-        raise LmforgeError(f"{path}: no prompts (the file is empty)")
+    """Read and render the RL prompts, checking that prompt + max_new_tokens fits each model's context."""
+    prompts = read_prompts(path)
+    encode_prompts(tok, prompts, path, contexts, new_tokens=max_new_tokens)
     return prompts
 
 

@@ -147,6 +147,14 @@ class Tokenizer:
 _BYTE_DECODER: dict[str, int] | None = None
 
 
+def check_same_tokenizer(fingerprint_a: str | None, fingerprint_b: str | None, a: str, b: str) -> None:
+    """The one tokenizer-compatibility check: `a` and `b` (what the user set, e.g. "config key 'data' (runs/x)")
+    must share a tokenizer, or their token ids mean different things. A missing fingerprint is not checked."""
+    if fingerprint_a and fingerprint_b and fingerprint_a != fingerprint_b:
+        raise LmforgeError(f"tokenizer mismatch: {a} and {b} use different tokenizers "
+                           f"(fingerprints {fingerprint_a[:12]} != {fingerprint_b[:12]})")
+
+
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte<->unicode table (what the ByteLevel pre-tokenizer uses), inverted."""
     global _BYTE_DECODER
@@ -170,7 +178,7 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out_dir: str | Pa
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < MIN_VOCAB_SIZE:
-        raise LmforgeError(f"--vocab-size {vocab_size} is smaller than the byte alphabet plus special tokens "
+        raise LmforgeError(f"config key 'vocab_size': {vocab_size} is smaller than the byte alphabet plus special tokens "
                            f"({BYTE_ALPHABET_SIZE} + {len(SPECIAL_TOKENS)} = {MIN_VOCAB_SIZE})")
     # Validate every input (exists, UTF-8, non-empty) before training so errors name the file.
     for p in inputs:
@@ -190,21 +198,3 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out_dir: str | Pa
         hf.save(str(tmp))
         tmp.replace(out / TOKENIZER_FILE)
     return tok
-
-
-def cli(argv: list[str]) -> None:
-    """`lmforge tokenizer train --input FILE... --vocab-size N --out DIR`."""
-    import argparse
-    import time
-
-    p = argparse.ArgumentParser(prog="lmforge tokenizer")
-    sub = p.add_subparsers(dest="action", required=True)
-    t = sub.add_parser("train", help="train byte-level BPE on .txt/.jsonl(.gz) files")
-    t.add_argument("--input", nargs="+", required=True)
-    t.add_argument("--vocab-size", type=int, required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--min-frequency", type=int, default=2)
-    args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    tok = train_tokenizer(args.input, args.vocab_size, args.out, args.min_frequency)
-    print(f"trained tokenizer: {tok.vocab_size} tokens in {time.perf_counter() - t0:.1f}s -> {Path(args.out) / TOKENIZER_FILE}")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 
 
 @dataclass
@@ -40,12 +40,9 @@ class OptimConfig:
     grad_accum: int = 1
 
     def validate(self) -> None:
-        if self.max_steps <= 0:
-            raise LmforgeError("config key 'optim.max_steps' must be positive")
-        if self.grad_accum <= 0:
-            raise LmforgeError("config key 'optim.grad_accum' must be positive")
-        if self.lr <= 0:
-            raise LmforgeError("config key 'optim.lr' must be positive")
+        for key in ("max_steps", "grad_accum", "lr"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(key, "must be positive")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -204,17 +201,6 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def truncate_logs(out_dir: str | Path, step: int, names: tuple[str, ...] = ("metrics.jsonl",)) -> None:
-    """Drop log lines written after the checkpoint's `step` (a crash between a log line and the next save),
-    so a resumed run's logs match an uninterrupted run's."""
-    for name in names:
-        path = Path(out_dir) / name
-        if path.is_file():
-            keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
 @dataclass

@@ -1,0 +1,173 @@
+"""Preference data, read by the reward model (and DPO): the seed's ranked and scored formats and the common
+pairwise form, parsed, validated (errors name file:line) and rendered with the one chat template.
+
+    ranked    {"input": ..., "choices": [{"text": ..., "rank": 1}, ...]}   K >= 2, rank 1 = best, ties allowed
+    pairwise  {"prompt" or "input": ..., "chosen": ..., "rejected": ...}
+    scored    {"input": ..., "output": ..., "score": 4.5}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.chat import record_to_messages
+from lmforge.errors import LmforgeError, where
+from lmforge.records import read_records
+from lmforge.scoring import render_example
+
+
+def comparison_pairs(ranks: list[int]) -> list[tuple[int, int]]:
+    """(better, worse) index pairs among one prompt's K choices: the C(K,2) pairs minus ties (rank 1 = best)."""
+    return [(i, j) if ranks[i] < ranks[j] else (j, i)
+            for i in range(len(ranks)) for j in range(i + 1, len(ranks)) if ranks[i] != ranks[j]]
+
+
+@dataclass
+class Example:
+    """One prompt, its candidate responses and their labels: ranks (preference data) or a score."""
+    prompt: list[dict]                   # chat messages before the response (one user turn in the seed's formats)
+    responses: list[str]
+    ranks: list[int] | None = None       # 1 = best; pairwise data is ranks [1, 2]
+    score: float | None = None
+    origin: str = ""                     # "file:line", for error messages
+    record: dict | None = None           # the source record (`rm score` writes it back with rewards)
+    ids: list[list[int]] = field(default_factory=list)  # rendered token ids, one list per response
+
+    @property
+    def kind(self) -> str:
+        return "preference" if self.ranks is not None else "scored" if self.score is not None else "unlabelled"
+
+
+def _text(value, name: str) -> str:
+    if value is None:
+        raise ValueError(f"missing '{name}'")
+    if not isinstance(value, str):
+        raise ValueError(f"'{name}' must be a string")
+    if not value.strip():
+        raise ValueError(f"empty '{name}'")
+    return value
+
+
+def _ranks(choices: list, require_labels: bool) -> list[int] | None:
+    ranks = [c.get("rank") for c in choices]
+    if not require_labels and all(r is None for r in ranks):
+        return None
+    for i, r in enumerate(ranks):
+        if r is None:
+            raise ValueError(f"choices[{i}]: missing 'rank'")
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"choices[{i}]: 'rank' must be a positive integer, got {r!r}")
+    return ranks
+
+
+def parse_record(rec, require_labels: bool = True) -> Example:
+    """One record (ranked, pairwise, scored, or an SFT demonstration) -> Example; ValueError with a reason.
+
+    Without require_labels (scoring), ranks and scores may be absent, and SFT records
+    (instruction/input/output or messages) are read with their last assistant turn as the response.
+    """
+    if not isinstance(rec, dict):
+        raise ValueError("a record must be a JSON object")
+    if any(isinstance(k, str) and k.lower() in ("instruction", "messages") for k in rec):
+        msgs = record_to_messages(rec)
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        ex = Example(msgs[:last], [_text(msgs[last]["content"], "output")])
+    elif not any(k in rec for k in ("choices", "chosen", "rejected", "output")):
+        raise ValueError("expected a ranked (input, choices), pairwise (prompt, chosen, rejected) "
+                         "or scored (input, output, score) record")
+    else:
+        key = "prompt" if "prompt" in rec else "input"
+        prompt = [{"role": "user", "content": _text(rec.get(key), key)}]
+        if "choices" in rec:
+            choices = rec["choices"]
+            if not isinstance(choices, list) or len(choices) < 2:
+                raise ValueError("'choices' must be a list of at least 2 candidates")
+            for i, c in enumerate(choices):
+                if not isinstance(c, dict):
+                    raise ValueError(f"choices[{i}] must be an object")
+            texts = [_text(c.get("text"), f"choices[{i}].text") for i, c in enumerate(choices)]
+            ex = Example(prompt, texts, ranks=_ranks(choices, require_labels))
+        elif "chosen" in rec or "rejected" in rec:
+            ex = Example(prompt, [_text(rec.get("chosen"), "chosen"), _text(rec.get("rejected"), "rejected")], ranks=[1, 2])
+        else:
+            score = rec.get("score")
+            if score is not None or require_labels:
+                if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+                    raise ValueError(f"'score' must be a finite number, got {score!r}")
+                score = float(score)
+            ex = Example(prompt, [_text(rec["output"], "output")], score=score)
+    if require_labels and ex.kind == "unlabelled":
+        raise ValueError("no label: training needs ranked choices, a chosen/rejected pair or a score")
+    return ex
+
+
+def load_data(path: str | Path, tok, encoder: bool, max_len: int, require_labels: bool = True,
+              skip_invalid: bool = False) -> tuple[list[Example], int]:
+    """Parse and render every record of `path`: (examples, number skipped). Bad records raise LmforgeError
+    naming file:line, or are skipped and counted with skip_invalid."""
+    examples, skipped = [], 0
+    for line, obj in read_records(path, tolerant=True):
+        try:
+            if isinstance(obj, json.JSONDecodeError):
+                raise ValueError(f"invalid JSON ({obj.msg})")
+            ex = parse_record(obj, require_labels)
+            if require_labels and ex.ranks is not None and not comparison_pairs(ex.ranks):
+                skipped += 1  # all choices tied (allowed): the record holds no comparison to learn from
+                continue
+            ex.ids = [render_example(tok, ex.prompt, r, encoder) for r in ex.responses]
+            longest = max(map(len, ex.ids))
+            if longest > max_len:
+                raise ValueError(f"a response renders to {longest} tokens, more than the model's context of {max_len}")
+        except ValueError as e:
+            if not skip_invalid:
+                raise LmforgeError(f"{where(path, line)}: {e}") from None
+            skipped += 1
+            continue
+        ex.origin, ex.record = where(path, line), obj
+        examples.append(ex)
+    if not examples:
+        raise LmforgeError(f"{path}: no valid records")
+    return examples, skipped
+
+
+def data_kind(examples: list[Example]) -> str:
+    """The one label kind of a data set ("preference" or "scored"); mixing kinds is an error naming the line."""
+    kind = examples[0].kind
+    for ex in examples:
+        if ex.kind != kind:
+            raise LmforgeError(f"{ex.origin}: a {ex.kind} record among {kind} records (use one kind per file)")
+    return kind
+
+
+def _prompt_key(ex: Example) -> str:
+    return json.dumps(ex.prompt, ensure_ascii=False, sort_keys=True)
+
+
+def split_by_prompt(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): a seeded `fraction` of the distinct prompts is held out, with all of their records."""
+    keys = list(dict.fromkeys(_prompt_key(ex) for ex in examples))
+    random.Random(seed).shuffle(keys)
+    held = set(keys[:max(1, round(fraction * len(keys)))] if fraction > 0 else [])
+    return [ex for ex in examples if _prompt_key(ex) not in held], [ex for ex in examples if _prompt_key(ex) in held]
+
+
+def best_responses(examples: list[Example]) -> list[list[int]]:
+    """Token ids of each prompt's preferred responses (rank 1, chosen, highest score; all if unlabelled):
+    the default reference set that normalisation centres at 0."""
+    seqs, top = [], {}
+    for ex in examples:
+        if ex.ranks is not None:
+            seqs += [ids for ids, r in zip(ex.ids, ex.ranks) if r == min(ex.ranks)]
+        elif ex.score is not None:
+            best = top.setdefault(_prompt_key(ex), [ex.score, []])
+            if ex.score > best[0]:
+                best[:] = [ex.score, []]
+            if ex.score == best[0]:
+                best[1].append(ex.ids[0])
+        else:
+            seqs += ex.ids
+    return seqs + [ids for _, group in top.values() for ids in group]

@@ -1,0 +1,128 @@
+"""Scoring with a trained reward model: pooling, normalisation, and `RewardScorer`, the one object that PPO,
+evaluation, `lmforge rm score` (and DPO / GRPO) use to score responses without importing the reward-model
+training stage.
+
+A decoder reward model reads its score at the last real token (the closing <|end|> of the response), whatever
+the padding side; an encoder reads the first token or the mean over real tokens. The normalisation (mean, std
+of the reference responses' raw scores, InstructGPT sec. 3.5) is stored in the checkpoint's metadata and
+applied by every consumer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmforge.chat import render, render_encoder_pair
+from lmforge.checkpoint import load_model
+from lmforge.errors import LmforgeError
+from lmforge.generation import left_pad
+from lmforge.model import Transformer, last_token_index
+from lmforge.training import autocast
+
+
+def render_example(tok, prompt: list[dict], response: str, encoder: bool = False) -> list[int]:
+    """Token ids the RM scores: the SFT chat template ending with the response's <|end|> (decoder), or the seed's
+    `[BOS] prompt [SEP] candidate [EOS]` (encoder). Training and every consumer render through here."""
+    if encoder:
+        return render_encoder_pair(tok, "\n".join(m["content"] for m in prompt), response)
+    return render(tok, prompt + [{"role": "assistant", "content": response}])[0]
+
+
+def pool_scores(values: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last") -> torch.Tensor:
+    """(B, T) per-position head outputs -> (B,) scores: at the last real token, the first token, or the mean."""
+    if pooling == "last":
+        idx = last_token_index(attention_mask)
+        return values[torch.arange(values.shape[0], device=values.device), idx]
+    if pooling == "first":
+        first = attention_mask.long().argmax(dim=1)  # first real token (left padding aware)
+        return values[torch.arange(values.shape[0], device=values.device), first]
+    if pooling == "mean":
+        m = attention_mask.to(values.dtype)
+        return (values * m).sum(1) / m.sum(1).clamp(min=1)
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+def raw_scores(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last") -> torch.Tensor:
+    """Un-normalised reward of each row (B,)."""
+    values = model(input_ids, attention_mask=attention_mask)
+    return pool_scores(values.float(), attention_mask, pooling)
+
+
+def normalize(raw: torch.Tensor, meta: dict) -> torch.Tensor:
+    """Apply the checkpoint's reward normalisation: (raw - reward_mean) / reward_std (identity if absent)."""
+    return (raw - float(meta.get("reward_mean", 0.0))) / float(meta.get("reward_std", 1.0))
+
+
+@torch.no_grad()
+def score_sequences(model: Transformer, seqs: list[list[int]], pad_id: int, pooling: str = "last",
+                    batch_size: int = 32) -> torch.Tensor:
+    """Raw rewards (N,) of token sequences, in input order; batched by length so there is little padding."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.empty(len(seqs))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        ids, mask = left_pad([seqs[i] for i in idx], pad_id, device)
+        with autocast(device):
+            out[idx] = raw_scores(model, ids, mask, pooling).float().cpu()
+    model.train(was_training)
+    return out
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off: it makes rewards noisy, and an RM must score identically in training and in use (N+ details)."""
+    model.config.dropout = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+class RewardScorer:
+    """A trained reward model ready to score, with the layout, pooling and normalisation it was trained with.
+
+    >>> rm = RewardScorer.load("runs/rm")
+    >>> rm.score(["What is 2+2?"], ["4."])          # normalised rewards, one per (prompt, response)
+    """
+
+    def __init__(self, model: Transformer, tokenizer, meta: dict):
+        self.model, self.tokenizer, self.meta = model.eval(), tokenizer, meta
+        self.encoder = meta.get("backbone") == "encoder"
+        self.pooling = meta.get("pooling", "last")
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "RewardScorer":
+        """Load a checkpoint written by `lmforge rm`."""
+        model, tok, meta = load_model(path, head="scalar", device=device)
+        if meta.get("stage") != "rm":
+            raise LmforgeError(f"{path}: not a reward model checkpoint (stage {meta.get('stage')!r}); train one with `lmforge rm`")
+        disable_dropout(model)
+        return cls(model, tok, meta)
+
+    def encode(self, prompt: str, response: str) -> list[int]:
+        """Token ids of (prompt as the user turn, response) exactly as in training."""
+        return render_example(self.tokenizer, [{"role": "user", "content": prompt}], response, self.encoder)
+
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> list[float]:
+        """Normalised rewards of (prompt, response) pairs."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        seqs, limit = [self.encode(p, r) for p, r in zip(prompts, responses)], self.model.config.max_position_embeddings
+        for i, s in enumerate(seqs):
+            if len(s) > limit:
+                raise LmforgeError(f"response {i}: {len(s)} tokens exceed the reward model's context of {limit}")
+        raw = score_sequences(self.model, seqs, self.tokenizer.special.pad, self.pooling, batch_size)
+        return normalize(raw, self.meta).tolist()
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Normalised rewards (B,) of chat-template token ids (left or right padded), read at each row's last
+        real token. For PPO: the rows should end with the response's <|end|>. Decoder reward models only."""
+        if self.encoder:
+            raise LmforgeError("score_ids needs a decoder reward model (this one is an encoder: use score())")
+        with autocast(input_ids.device):
+            raw = raw_scores(self.model, input_ids, attention_mask, "last")
+        return normalize(raw.float(), self.meta)

@@ -1,0 +1,260 @@
+"""Evaluate policies on held-out prompts, in the spirit of InstructGPT's tables (Ouyang et al. 2022, section 4).
+
+For each policy (base, SFT, PPO, ...), against a baseline policy (SFT in `lmforge run`), with any judge
+(lmforge.judges; the built-in world's oracle by default):
+  judge_score       mean 0..100 score of the judge on the policy's responses (plus the judge's `parts`, e.g.
+                    the oracle's correctness / politeness / concision, as InstructGPT reports per attribute)
+  win_rate_vs_sft   per prompt, the judge's scores of the response and of the SFT policy's (win 1, tie 1/2,
+                    loss 0); the SFT row is 1/2 by definition
+  rm_score          mean normalised reward-model score (if a reward model is given): comparing it with the judge
+                    exposes reward hacking (Gao et al. 2022, "Scaling laws for reward model overoptimization")
+  kl_to_sft         mean over prompts of sum_t [log pi(y_t|x,y_<t) - log pi_sft(y_t|x,y_<t)] on responses SAMPLED
+                    from the policy at temperature 1 (the k1 estimator of KL(pi || pi_sft), as logged in PPO).
+                    Greedy responses are not samples of pi, so the KL pass is a separate temperature-1 sampling pass
+                    (reused when the scored responses are themselves temperature-1 samples). Both log-probs are
+                    teacher-forced over the same token ids, in fp32.
+  mean_length       tokens of the scored responses (without the closing stop token)
+
+The scored responses are greedy by default (temperature 0), so scores are deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.checkpoint import load_model, read_config
+from lmforge.cli import Command, Flag
+from lmforge.errors import ConfigError, LmforgeError, where
+from lmforge.generation import SamplingParams, generate_batched, response_text
+from lmforge.judges import JudgeConfig, make_judge
+from lmforge.prompts import encode_prompts, read_prompts
+from lmforge.scoring import RewardScorer
+from lmforge.stage import POLICIES, Stage, StageContext
+from lmforge.tokenizer import check_same_tokenizer
+
+
+@torch.no_grad()
+def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                      batch_size: int = 32) -> torch.Tensor:
+    """Teacher-forced sum of log pi(response token | prefix) over each response's tokens, (N,) float64.
+
+    Sequences are right-padded (positions cumsum(mask) - 1) and the LM head runs only on response positions,
+    so memory is (response tokens x vocab) rather than (batch x length x vocab).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(prompts), dtype=torch.float64)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        seqs = [prompts[i] + responses[i] for i in idx]
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        rows, cols = [], []
+        for j, (i, s) in enumerate(zip(idx, seqs)):
+            ids[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = 1
+            rows += [j] * len(responses[i])
+            cols += range(len(prompts[i]), len(s))
+        if not rows:
+            continue
+        ids, mask = ids.to(device), mask.to(device)
+        rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+        h = model.hidden_states(ids, attention_mask=mask)
+        logits = model.lm_head(h[rows_t, cols_t - 1]).float()  # the token at t is predicted at t - 1
+        lp = F.log_softmax(logits, dim=-1).gather(-1, ids[rows_t, cols_t][:, None]).squeeze(-1)
+        owner = torch.tensor(idx)[rows_t.cpu()]
+        out.index_add_(0, owner, lp.double().cpu())
+    model.train(was_training)
+    return out
+
+
+def significant_drop(scores: list[float], baseline: list[float], z: float = 1.645) -> bool:
+    """True when `scores` are lower than `baseline` on the same prompts beyond chance: a one-sided paired t-test
+    at 5% (t = mean(d) / (sd(d) / sqrt(n)) < -1.645 for the per-prompt differences d, normal approximation)."""
+    d = [a - b for a, b in zip(scores, baseline, strict=True)]
+    n = len(d)
+    if n < 2:
+        return False
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    if sd == 0:
+        return mean < 0
+    return mean / (sd / math.sqrt(n)) < -z
+
+
+def reward_hacking_flag(rows: dict[str, dict], per_prompt: dict[str, list[float]], baseline: str) -> list[str]:
+    """Policies whose reward-model score rose above the baseline's while their judge score fell significantly
+    below it (`significant_drop`): the signature of over-optimising the reward model (Gao et al. 2022)."""
+    base = rows.get(baseline)
+    if base is None or base.get("rm_score") is None:
+        return []
+    return [name for name, r in rows.items()
+            if name != baseline and r.get("rm_score") is not None and r["rm_score"] > base["rm_score"]
+            and significant_drop(per_prompt[name], per_prompt[baseline])]
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+@dataclass
+class EvalConfig:
+    """`lmforge eval` settings."""
+    policies: list[str] = field(default_factory=list)  # checkpoints as name=DIR (or DIR: named by its folder)
+    prompts: str = ""               # held-out prompts (JSONL); the oracle judge needs the built-in world's
+    baseline: str = ""              # the policy others are compared with (win rate, KL); default: the first
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    reward_model: str = ""          # also report each policy's mean reward-model score
+    out: str = ""                   # write the results here as JSON (optional)
+    max_new_tokens: int = 64
+    temperature: float = 0.0        # of the judged responses; 0 = greedy, deterministic
+    batch_size: int = 64
+    n_examples: int = 3             # example responses kept per policy
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not self.policies:
+            raise ConfigError("policies", "must name at least one checkpoint (name=DIR)")
+        if not self.prompts:
+            raise ConfigError("prompts", "is required")
+        names = list(self.named_policies())
+        if len(set(names)) != len(names):
+            raise ConfigError("policies", f"names must be unique, got {names}")
+        if self.baseline and self.baseline not in names:
+            raise ConfigError("baseline", f"must be one of the policies ({', '.join(names)}), got '{self.baseline}'")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("max_new_tokens", "and batch_size must be positive")
+
+    def named_policies(self) -> dict[str, str]:
+        """name -> checkpoint directory, in the given order."""
+        out = {}
+        for item in self.policies:
+            name, sep, path = item.partition("=")
+            out[name if sep else Path(item).name] = path if sep else item
+        return out
+
+
+def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
+    """Evaluate each policy checkpoint on cfg.prompts with cfg.judge (see the module docstring).
+
+    Returns {"judge": name, "baseline": name, "policies": {name: {judge_score, win_rate_vs_<baseline>, rm_score,
+    kl_to_<baseline>, mean_length, finished_frac, parts, examples}}, "reward_hacking": [names], "prompts": n,
+    "seconds": s}; written to cfg.out as JSON when set.
+    """
+    from tqdm import tqdm
+
+    from lmforge.training import pick_device
+
+    t0 = time.perf_counter()
+    judge = make_judge(cfg.judge)
+    policies = cfg.named_policies()
+    base_name = cfg.baseline or next(iter(policies))
+    prompts = read_prompts(cfg.prompts)
+    dev = pick_device(cfg.device)
+    base, tok, _ = load_model(policies[base_name], head="lm", device=dev)
+    # Check every checkpoint before generating anything: same tokenizer (token-level KL needs it), prompts fit.
+    max_len = base.config.max_position_embeddings
+    for name, d in policies.items():
+        meta = read_config(d)
+        check_same_tokenizer(meta.get("lmforge", {}).get("tokenizer_fingerprint"), tok.fingerprint(),
+                             f"policy '{name}' ({d})", f"the baseline policy '{base_name}' ({policies[base_name]})")
+        max_len = min(max_len, int(meta.get("max_position_embeddings", max_len)))
+    ids = encode_prompts(tok, prompts, cfg.prompts, {"policies": max_len})
+    texts_of = [p.text for p in prompts]
+    for p in prompts:  # fail before generating anything if the judge cannot judge these prompts
+        try:
+            judge.check(p.text)
+        except LmforgeError as e:
+            raise LmforgeError(f"{where(cfg.prompts, p.line)}: {e}") from None
+    scorer = RewardScorer.load(cfg.reward_model, device=dev) if cfg.reward_model else None
+    scored = SamplingParams(cfg.max_new_tokens, cfg.temperature)
+    kl_params = SamplingParams(cfg.max_new_tokens, 1.0)
+    rows: dict[str, dict] = {}
+    per_prompt: dict[str, list[float]] = {}
+    names = [base_name] + [n for n in policies if n != base_name]  # the baseline first: the others compare with it
+    for name in tqdm(names, desc="evaluate", disable=not progress, leave=False):
+        model = base if name == base_name else load_model(policies[name], head="lm", device=dev)[0]
+        model.eval()
+        tokens, finished = generate_batched(model, tok, ids, scored, cfg.batch_size, cfg.seed)
+        texts = [response_text(tok, t) for t in tokens]
+        scores = [float(s) for s in judge.score_many(texts_of, texts)]
+        per_prompt[name] = scores
+        win = _mean(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, per_prompt[base_name]))
+        if name == base_name:
+            kl = 0.0  # KL(pi || pi) = 0 exactly; no need to estimate it
+        else:
+            samples = tokens if cfg.temperature == 1.0 else \
+                generate_batched(model, tok, ids, kl_params, cfg.batch_size, cfg.seed + 1)[0]
+            lp = response_logprobs(model, ids, samples, tok.special.pad, cfg.batch_size)
+            lp_base = response_logprobs(base, ids, samples, tok.special.pad, cfg.batch_size)
+            kl = float((lp - lp_base).mean())
+        parts = [judge.parts(p, t) for p, t in zip(texts_of, texts)]
+        rows[name] = {
+            "judge_score": _mean(scores),
+            f"win_rate_vs_{base_name}": win,
+            "rm_score": _mean(scorer.score(texts_of, texts, cfg.batch_size)) if scorer is not None else None,
+            f"kl_to_{base_name}": kl,
+            "mean_length": _mean(len(t) - f for t, f in zip(tokens, finished)),
+            "finished_frac": _mean(finished),
+            "parts": {k: _mean(p[k] for p in parts) for k in parts[0]} if parts and parts[0] else {},
+            "examples": [{"prompt": p, "response": t, "judge_score": s}
+                         for p, t, s in list(zip(texts_of, texts, scores))[:cfg.n_examples]],
+        }
+        if model is not base:
+            del model
+    ordered = {n: rows[n] for n in policies}  # the caller's order
+    result = {"judge": cfg.judge.name, "baseline": base_name, "policies": ordered,
+              "reward_hacking": reward_hacking_flag(ordered, per_prompt, base_name),
+              "prompts": len(prompts), "seconds": time.perf_counter() - t0}
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    return result
+
+
+def _print_table(cfg: EvalConfig) -> None:
+    res = evaluate_policies(cfg)
+    b = res["baseline"]
+    print(f"{'policy':<12} {res['judge'] + ' score':>14} {'win vs ' + b:>12} {'RM score':>9} {'KL to ' + b:>10} {'length':>7}")
+    for name, r in res["policies"].items():
+        rm = "-" if r["rm_score"] is None else f"{r['rm_score']:.3f}"
+        print(f"{name:<12} {r['judge_score']:>14.1f} {100 * r[f'win_rate_vs_{b}']:>11.1f}% {rm:>9} "
+              f"{r[f'kl_to_{b}']:>10.2f} {r['mean_length']:>7.1f}")
+    if res["reward_hacking"]:
+        print(f"reward hacking flagged: {', '.join(res['reward_hacking'])}")
+
+
+COMMAND = Command(
+    "lmforge eval", "Evaluate policy checkpoints on held-out prompts with any judge: judge score, win rate and KL "
+    "against a baseline policy, reward-model score, length.", EvalConfig, _print_table,
+    flags=(Flag("--policies", "policies", "checkpoints as name=DIR"), Flag("--prompts", "prompts", "JSONL prompts"),
+           Flag("--judge", "judge.name", "oracle, openai or a registered judge"),
+           Flag("--baseline", "baseline", "the policy the others are compared with (default: the first)"),
+           Flag("--reward-model", "reward_model", "also report reward-model scores"),
+           Flag("--out", "out", "write the results as JSON")),
+    examples=("lmforge eval --policies sft=runs/lmforge-tiny/sft ppo=runs/lmforge-tiny/ppo "
+              "--prompts runs/lmforge-tiny/world/eval_prompts.jsonl --judge oracle",
+              "lmforge eval --policies sft=runs/sft ppo=runs/ppo --prompts my_prompts.jsonl --judge openai "
+              "judge.url=http://127.0.0.1:8000/v1 judge.model=my-judge"))
+
+
+def _wire(ctx: StageContext) -> dict:
+    return {"policies": [f"{name}={d}" for name, d in ctx.policies.items()], "baseline": "sft",
+            "prompts": ctx.artifact("eval_prompts"), "reward_model": ctx.artifact("reward_model"),
+            "out": ctx.artifact("eval_results"), "seed": ctx.seed, "device": ctx.device}
+
+
+STAGE = Stage("eval", EvalConfig, lambda ctx, cfg: evaluate_policies(cfg),
+              inputs=("eval_prompts", "reward_model", POLICIES), outputs={"eval_results": "results.json"}, wire=_wire)

@@ -1,0 +1,608 @@
+"""RLHF with PPO, step 3 of InstructGPT (Ouyang et al. 2022): maximise
+
+    E[ r(x, y) - beta * log(pi(y|x) / pi_ref(y|x)) ]  +  gamma * E_pretrain[ log pi(x) ]      (PPO-ptx)
+
+Four models: the actor (policy) and a frozen reference, both from the SFT checkpoint; a critic (scalar value
+head) initialised from the reward model; the frozen reward model. Each iteration samples one response per
+prompt, scores it (`make_experience`), then runs `ppo_epochs` passes of clipped-PPO minibatch updates
+(`update`). Choices follow InstructGPT, Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
+Preferences"), "The N Implementation Details of RLHF with PPO" (Huang et al. 2023, "N details") and its
+TL;DR follow-up (Huang et al. 2024, arXiv 2403.17031, "N+"). The math lives in rl_utils.py, the rollout and
+scoring layout in rollout.py. One process (one device), so advantage whitening is over the whole batch.
+
+    lmforge ppo --config configs/ppo_tiny.yaml sft_model=runs/sft reward_model=runs/rm prompts=prompts.jsonl
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from lmforge.chat import record_to_messages, render
+from lmforge.checkpoint import (
+    load_model,
+    read_config,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from lmforge.cli import Command, Flag
+from lmforge.config import to_dict
+from lmforge.errors import ConfigError, LmforgeError, where
+from lmforge.losses import lm_loss
+from lmforge.records import read_records
+from lmforge.rundir import RunDir
+from lmforge.stage import Stage, StageContext
+from lmforge.generation import SamplingParams
+from lmforge.model import Transformer
+from lmforge.scoring import RewardScorer, disable_dropout
+from lmforge.rl_utils import (
+    KLController,
+    clipped_surrogate,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    token_rewards,
+)
+from lmforge.rollout import (
+    Experience,
+    Prompt,
+    RewardFn,
+    Samples,
+    critic_values,
+    in_chunks,
+    load_prompts,
+    policy_logprobs,
+    sample_responses,
+    scores_from_fn,
+)
+from lmforge.tokenizer import Tokenizer, check_same_tokenizer, iter_documents
+from lmforge.training import (
+    MetricsLogger,
+    OptimConfig,
+    autocast,
+    build_optimizer,
+    lr_at,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    step_generator,
+)
+
+
+def _ppo_optim() -> OptimConfig:
+    # Adam eps 1e-5 as in the N+ reproduction; max_steps and grad_accum are derived (see PPOConfig).
+    return OptimConfig(lr=1e-5, eps=1e-5, weight_decay=0.0, warmup_steps=0, schedule="constant", max_steps=1)
+
+
+@dataclass
+class PtxConfig:
+    """PPO-ptx: gamma * pretraining LM loss, mixed into the same optimizer step (InstructGPT: gamma = 27.8)."""
+    coef: float = 0.0                                  # gamma; 0 = plain PPO
+    data: list[str] = field(default_factory=list)     # .txt/.gz documents, .jsonl with "text" or SFT records
+    batch_size: int = 4                                # sequences per micro-batch
+    seq_len: int = 64
+
+
+@dataclass
+class PPOConfig:
+    """PPO recipe. Sizes: batch_size rollouts per iteration -> minibatches (one optimizer step each) ->
+    micro-batches (gradient accumulation); each must divide the previous one. In actor_optim / critic_optim,
+    max_steps and grad_accum are derived (iterations * ppo_epochs * batch/minibatch steps; minibatch/micro)."""
+    sft_model: str = ""                  # policy and reference initialisation
+    reward_model: str = ""               # frozen scorer (may be empty when run_ppo gets a reward_fn)
+    critic_init: Literal["reward", "sft"] = "reward"   # InstructGPT initialises the value model from the RM
+    prompts: str = ""                    # JSONL: instruction records without output, or chats ending in a user turn
+    out: str = "runs/ppo"
+    # rollouts: pure sampling (no top-k/top-p unless set here; they are logged in the checkpoint metadata)
+    iterations: int = 100
+    batch_size: int = 64
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    no_eos_penalty: float = 1.0          # subtracted from the score of a response that never stopped
+    no_eos_score: float | None = None    # or: replace that score by this fixed value (N+ uses -1)
+    # reward
+    kl_coef: float = 0.02                # beta (InstructGPT 0.02)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_target: float | None = None       # set -> adaptive beta (Ziegler et al.), KL per sequence in nats
+    kl_horizon: int = 10000
+    score_clip: float | None = None
+    whiten_rewards: bool = False
+    # advantages
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    # update
+    ppo_epochs: int = 1
+    minibatch_size: int = 16
+    micro_batch_size: int = 8
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    log_ratio_clip: float = 20.0         # clamp of log(pi/pi_old) so exp() never overflows
+    ema_decay: float = 0.0               # > 0: the saved policy is an EMA of the weights (InstructGPT 0.992)
+    actor_optim: OptimConfig = field(default_factory=_ppo_optim)
+    critic_optim: OptimConfig = field(default_factory=_ppo_optim)
+    ptx: PtxConfig = field(default_factory=PtxConfig)
+    # run
+    seed: int = 0
+    device: str = "auto"
+    save_every: int = 0                  # iterations between checkpoints (0: only at the end)
+    log_samples: int = 2                 # responses per iteration written to samples.jsonl
+    overwrite: bool = False              # start over in an `out` that already holds a run
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, what: str):
+            if not ok:
+                raise ConfigError(key, what)
+        for key in ("iterations", "batch_size", "minibatch_size", "micro_batch_size", "max_new_tokens",
+                    "ppo_epochs", "kl_horizon"):
+            need(getattr(self, key) > 0, key, "must be positive")
+        need(self.batch_size % self.minibatch_size == 0, "minibatch_size",
+             f"({self.minibatch_size}) must divide batch_size ({self.batch_size})")
+        need(self.minibatch_size % self.micro_batch_size == 0, "micro_batch_size",
+             f"({self.micro_batch_size}) must divide minibatch_size ({self.minibatch_size})")
+        need(self.temperature > 0, "temperature", "must be positive (PPO samples; greedy decoding has no policy)")
+        need(0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
+        need(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        need(self.clip_range > 0 and self.clip_range_value > 0, "clip_range", "and clip_range_value must be positive")
+        need(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        need(self.kl_target is None or self.kl_target > 0, "kl_target", "must be positive")
+        need(self.score_clip is None or self.score_clip > 0, "score_clip", "must be positive")
+        need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+        need(self.ptx.coef >= 0, "ptx.coef", "must be >= 0")
+        need(self.ptx.coef == 0 or bool(self.ptx.data), "ptx.data", "must list pretraining files when ptx.coef > 0")
+        need(self.ptx.batch_size > 0 and self.ptx.seq_len > 1, "ptx.batch_size", "and ptx.seq_len must be positive")
+        need(bool(self.sft_model), "sft_model", "is required (the SFT checkpoint directory)")
+        need(bool(self.prompts), "prompts", "is required (a JSONL file of prompts)")
+
+
+# ---------------------------------------------------------------------------------------------- PPO-ptx data
+
+class PtxSource:
+    """Pretraining batches for PPO-ptx: random windows of `seq_len` tokens from one token stream.
+
+    The interface is one method, `batch(generator) -> LongTensor (batch_size, seq_len)`: any object with it
+    (e.g. a reader of prepared token shards) can be passed to run_ppo(ptx_source=...).
+    """
+
+    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int):
+        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+
+    @classmethod
+    def from_files(cls, paths: list[str], tok: Tokenizer, batch_size: int, seq_len: int) -> "PtxSource":
+        """Text documents (.txt/.gz; .jsonl with "text") get BOS/EOS; SFT records are rendered by the chat template."""
+        stream: list[int] = []
+        for path in paths:
+            if str(path).endswith(".jsonl"):
+                for lineno, rec in read_records(path):
+                    if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+                        stream += [tok.special.bos] + tok.encode(rec["text"]) + [tok.special.eos]
+                        continue
+                    try:
+                        stream += render(tok, record_to_messages(rec))[0]
+                    except ValueError as e:
+                        raise LmforgeError(f"{where(path, lineno)}: {e}") from None
+            else:
+                for doc in iter_documents([path]):
+                    stream += [tok.special.bos] + tok.encode(doc) + [tok.special.eos]
+        if len(stream) < seq_len:
+            raise LmforgeError(f"{', '.join(map(str, paths))}: only {len(stream)} pretraining tokens, "
+                               f"fewer than ptx.seq_len={seq_len}")
+        return cls(torch.tensor(stream, dtype=torch.long), batch_size, seq_len)
+
+    def batch(self, generator: torch.Generator) -> torch.Tensor:
+        starts = torch.randint(0, len(self.tokens) - self.seq_len + 1, (self.batch_size,), generator=generator)
+        return torch.stack([self.tokens[s:s + self.seq_len] for s in starts.tolist()])
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# score(prompts, samples) -> (B,) normalised sequence scores
+Scorer = Callable[[list[Prompt], Samples], torch.Tensor]
+
+
+class PPOTrainer:
+    """Holds the four models, both optimizers and the KL controller; `iteration` = rollout + score + update."""
+
+    def __init__(self, cfg: PPOConfig, actor: Transformer, ref: Transformer, critic: Transformer, tok: Tokenizer,
+                 score: Scorer, ptx: PtxSource | None = None, device: torch.device | str = "cpu"):
+        self.cfg, self.tok, self.score, self.ptx = cfg, tok, score, ptx
+        self.device = torch.device(device)
+        for model in (actor, ref, critic):  # the same function at rollout and update time (N details)
+            disable_dropout(model)
+        self.actor, self.critic, self.ref = actor, critic, ref.eval().requires_grad_(False)
+        self.actor_opt = build_optimizer(actor, cfg.actor_optim)
+        self.critic_opt = build_optimizer(critic, cfg.critic_optim)
+        steps_per_iter = cfg.ppo_epochs * (cfg.batch_size // cfg.minibatch_size)
+        total = max(1, cfg.iterations * steps_per_iter)
+        self.actor_sched = dataclasses.replace(cfg.actor_optim, max_steps=total)
+        self.critic_sched = dataclasses.replace(cfg.critic_optim, max_steps=total)
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.ema = copy.deepcopy(actor).requires_grad_(False) if cfg.ema_decay > 0 else None
+        self.update_step = 0
+        self.sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+
+    # -- rollout and scoring ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def make_experience(self, prompts: list[Prompt], generator: torch.Generator | None = None):
+        """Sample, score and compute rewards / advantages for one batch of prompts: (Experience, Samples, stats)."""
+        cfg, dev, mb = self.cfg, self.device, self.cfg.micro_batch_size
+        t0 = _sync(dev)
+        with autocast(dev):
+            samples = sample_responses(self.actor, self.tok, prompts, self.sampling, generator)
+        exp = samples.experience
+        t1 = _sync(dev)
+        with autocast(dev):
+            # "Old" log-probs are recomputed teacher-forced rather than taken from the sampler: the same
+            # kernels as the update, so the first ratio is exactly 1 (the sampler agrees to ~1e-5 in fp32).
+            exp.logprobs = in_chunks(lambda e: policy_logprobs(self.actor, e, cfg.temperature), exp, mb)
+            t2 = _sync(dev)
+            exp.ref_logprobs = in_chunks(lambda e: policy_logprobs(self.ref, e, cfg.temperature), exp, mb)
+            t3 = _sync(dev)
+            exp.values = in_chunks(lambda e: critic_values(self.critic, e), exp, mb)
+            t4 = _sync(dev)
+            raw = self.score(prompts, samples).to(dev, torch.float32)
+        t5 = _sync(dev)
+
+        scores = raw.clone()
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        ended = torch.tensor(samples.ended, device=dev)
+        if cfg.no_eos_score is not None:  # judged on the response's own last token, never the prompt's
+            scores = torch.where(ended, scores, torch.full_like(scores, cfg.no_eos_score))
+        else:
+            scores = scores - cfg.no_eos_penalty * (~ended).float()
+        m = exp.mask
+        kl = kl_estimate(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * m
+        beta = self.kl_ctl.value
+        rewards = token_rewards(scores, kl, m, beta)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, m, shift_mean=False)
+        advantages, returns = gae(rewards, exp.values, m, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:  # over all valid tokens of the batch (single process: global = local)
+            advantages = masked_whiten(advantages, m)
+        exp.scores, exp.rewards, exp.advantages, exp.returns = scores, rewards, advantages, returns
+
+        kl_seq = float(kl.sum(1).mean())
+        n_tokens = float(m.sum())
+        stats = {
+            "score": float(raw.mean()), "score_std": float(raw.std()) if len(raw) > 1 else 0.0,
+            "reward": float(rewards.sum(1).mean()), "kl": kl_seq, "non_score_reward": -beta * kl_seq, "beta": beta,
+            "response_len": float(m.sum(1).mean()), "eos_frac": float(ended.float().mean()),
+            "explained_var": explained_variance(exp.values, returns, m),
+            "value_mean": float(masked_mean(exp.values, m)),
+            "time_generate": t1 - t0, "time_policy": t2 - t1, "time_ref": t3 - t2, "time_critic": t4 - t3,
+            "time_reward": t5 - t4, "rollout_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
+        }
+        self.kl_ctl.update(kl_seq, len(prompts))
+        return exp, samples, stats
+
+    # -- update ---------------------------------------------------------------------------------------------
+
+    def minibatch_backward(self, exp: Experience, rows: torch.Tensor,
+                           ptx_batches: list[torch.Tensor] | None = None) -> dict | None:
+        """Accumulate the gradients of one minibatch (rows of `exp`) over its micro-batches.
+
+        Losses are token sums divided by the minibatch's token count, so the result is exactly the masked
+        token mean over the minibatch, however it is split. With PPO-ptx, `ptx_coef * LM loss` of one
+        pretraining batch per micro-batch joins the same backward (InstructGPT; DeepSpeed-Chat instead takes
+        a separate optimizer step). Returns token-weighted stats, or None on a non-finite loss.
+        """
+        cfg = self.cfg
+        micro = rows.split(cfg.micro_batch_size)
+        n_tok = exp.mask[rows].sum().clamp(min=1)
+        sums: dict[str, torch.Tensor] = {}
+        for i, r in enumerate(micro):
+            mb = exp.select(r)
+            m = mb.mask
+            with autocast(self.device):
+                logp, entropy = policy_logprobs(self.actor, mb, cfg.temperature, with_entropy=True)
+                values = critic_values(self.critic, mb)
+                ptx = self.ptx_loss(ptx_batches[i].to(self.device)) if ptx_batches else None
+            pg, ratio, clipped = clipped_surrogate(logp, mb.logprobs, mb.advantages, cfg.clip_range,
+                                                   cfg.log_ratio_clip)
+            vf, vf_clipped = clipped_value_loss(values, mb.values, mb.returns, cfg.clip_range_value)
+            w = m / n_tok  # token weights of the whole minibatch
+            pg_loss, vf_loss, ent = (pg * w).sum(), (vf * w).sum(), (entropy * w).sum()
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            if cfg.entropy_coef:
+                loss = loss - cfg.entropy_coef * ent
+            if ptx is not None:
+                loss = loss + cfg.ptx.coef * ptx / len(micro)
+            if not torch.isfinite(loss):
+                return None
+            loss.backward()
+            with torch.no_grad():  # accumulated on the device: one sync per minibatch, not per statistic
+                r64 = ratio.double()
+                stats = {"pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": ent,
+                         "approx_kl": ((r64 - 1 - r64.log()) * w).sum(),  # k3 estimate of KL(pi_old || pi)
+                         "clipfrac": (clipped * w).sum(), "vf_clipfrac": (vf_clipped * w).sum(),
+                         "ratio_mean": (r64 * w).sum(), "ratio_sq": (r64 ** 2 * w).sum()}
+                if ptx is not None:
+                    stats["ptx_loss"] = ptx / len(micro)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().double()
+        out = {k: float(v) for k, v in sums.items()}
+        out["ratio_var"] = out.pop("ratio_sq") - out["ratio_mean"] ** 2
+        return out
+
+    def ptx_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """The pretraining objective on full (unpadded) windows: mean next-token cross-entropy."""
+        return lm_loss(self.actor(ids)[:, :-1], ids[:, 1:])
+
+    def optimizer_step(self) -> dict:
+        """Clip, step both optimizers on the schedule, update the EMA; returns grad norms and learning rates."""
+        out = {}
+        for name, model, opt, sched in (("actor", self.actor, self.actor_opt, self.actor_sched),
+                                        ("critic", self.critic, self.critic_opt, self.critic_sched)):
+            lr = lr_at(self.update_step, sched)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            clip = sched.grad_clip if sched.grad_clip > 0 else float("inf")
+            out[f"{name}_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            out[f"{name}_lr"] = lr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self.update_step += 1
+        if self.ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(self.ema.parameters(), self.actor.parameters()):
+                    pe.lerp_(p, 1.0 - self.cfg.ema_decay)
+        return out
+
+    def update(self, exp: Experience, generator: torch.Generator) -> dict:
+        """ppo_epochs passes over freshly shuffled minibatches, one optimizer step per minibatch."""
+        cfg = self.cfg
+        B = exp.input_ids.shape[0]
+        n_micro = cfg.minibatch_size // cfg.micro_batch_size
+        totals: dict[str, float] = {}
+        n_steps = skipped = 0
+        self.actor.train()
+        self.critic.train()
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, generator=generator).to(self.device)
+            for start in range(0, B, cfg.minibatch_size):
+                rows = perm[start:start + cfg.minibatch_size]
+                ptx = [self.ptx.batch(generator) for _ in range(n_micro)] if self.ptx is not None else None
+                stats = self.minibatch_backward(exp, rows, ptx)
+                if stats is None:  # a non-finite loss: drop this minibatch rather than corrupt the weights
+                    self.actor_opt.zero_grad(set_to_none=True)
+                    self.critic_opt.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
+                stats.update(self.optimizer_step())
+                n_steps += 1
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+        out = {k: v / max(n_steps, 1) for k, v in totals.items()}
+        out["skipped_steps"] = skipped
+        return out
+
+    def iteration(self, prompts: list[Prompt], seed: int, iteration: int) -> tuple[dict, Samples, Experience]:
+        """One PPO iteration on `prompts`; randomness is a function of (seed, iteration), so resume is exact."""
+        gen_seed = step_generator(seed, iteration, micro=0).initial_seed()
+        sampler = torch.Generator(device=self.device).manual_seed(gen_seed)
+        exp, samples, stats = self.make_experience(prompts, sampler)
+        t0 = _sync(self.device)
+        stats.update(self.update(exp, step_generator(seed, iteration, micro=1)))
+        stats["time_update"] = _sync(self.device) - t0
+        return stats, samples, exp
+
+    # -- resume -------------------------------------------------------------------------------------------
+
+    def state_dict(self, iteration: int) -> dict:
+        state = {"iteration": iteration, "update_step": self.update_step, "beta": self.kl_ctl.value,
+                 "actor_optimizer": self.actor_opt.state_dict(), "critic_optimizer": self.critic_opt.state_dict(),
+                 "critic": self.critic.state_dict(), "rng": rng_state()}
+        if self.ema is not None:  # the checkpoint's weights are the EMA; keep the raw policy here
+            state["actor"] = self.actor.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, policy_weights: dict) -> int:
+        """Restore from `state` and the checkpoint's policy weights; returns the iteration to continue from."""
+        if self.ema is not None:
+            if "actor" not in state:
+                raise LmforgeError("cannot resume with ema_decay > 0: the checkpoint was saved without EMA")
+            self.ema.load_state_dict(policy_weights)
+            self.actor.load_state_dict(state["actor"])
+        else:
+            self.actor.load_state_dict(state["actor"] if "actor" in state else policy_weights)
+        self.critic.load_state_dict(state["critic"])
+        self.actor_opt.load_state_dict(state["actor_optimizer"])
+        self.critic_opt.load_state_dict(state["critic_optimizer"])
+        self.kl_ctl.value = float(state["beta"])
+        self.update_step = int(state["update_step"])
+        set_rng_state(state["rng"])
+        return int(state["iteration"])
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+
+def _check_inputs(cfg: PPOConfig, has_reward_fn: bool):
+    """Validate checkpoints, tokenizers, prompts and PPO-ptx data before anything is loaded or written."""
+    sft = read_config(cfg.sft_model)
+    sft_meta = sft.get("lmforge", {})
+    if sft_meta.get("head", "lm") == "scalar":
+        raise LmforgeError(f"{cfg.sft_model}: a scalar-head (reward/value) model cannot be the policy")
+    tok = Tokenizer.load(resolve_checkpoint(cfg.sft_model))
+    fingerprint = sft_meta.get("tokenizer_fingerprint") or tok.fingerprint()
+    contexts = {"policy": int(sft["max_position_embeddings"])}
+    if cfg.reward_model:
+        rm = read_config(cfg.reward_model)
+        rm_meta = rm.get("lmforge", {})
+        if rm_meta.get("stage") != "rm" or rm_meta.get("head") not in ("scalar", "both"):
+            raise LmforgeError(f"{cfg.reward_model}: not a reward model checkpoint (stage {rm_meta.get('stage')!r}); "
+                               "train one with `lmforge rm`")
+        if rm_meta.get("pooling", "last") != "last" or not rm.get("is_causal", True):
+            raise LmforgeError(f"{cfg.reward_model}: PPO needs a decoder reward model that scores the last token "
+                               f"(this one uses pooling '{rm_meta.get('pooling')}')")
+        check_same_tokenizer(rm_meta.get("tokenizer_fingerprint"), fingerprint,
+                             f"config key 'reward_model' ({cfg.reward_model})", f"config key 'sft_model' ({cfg.sft_model})")
+        contexts["reward model"] = int(rm["max_position_embeddings"])
+    elif not has_reward_fn:
+        raise LmforgeError("config key 'reward_model' is required (the reward model checkpoint directory)")
+    if cfg.critic_init == "reward" and not cfg.reward_model:
+        raise LmforgeError("config key 'critic_init' is 'reward' but no reward_model is set (use critic_init=sft)")
+    prompts = load_prompts(cfg.prompts, tok, cfg.max_new_tokens, contexts)
+    ptx = None
+    if cfg.ptx.coef > 0:
+        if cfg.ptx.seq_len > contexts["policy"]:
+            raise LmforgeError(f"config key 'ptx.seq_len' ({cfg.ptx.seq_len}) exceeds the policy's context "
+                               f"of {contexts['policy']} positions")
+        ptx = PtxSource.from_files(cfg.ptx.data, tok, cfg.ptx.batch_size, cfg.ptx.seq_len)
+    return tok, prompts, ptx
+
+
+def build_trainer(cfg: PPOConfig, tok: Tokenizer, device: torch.device | str = "cpu",
+                  reward_fn: RewardFn | None = None, ptx: PtxSource | None = None) -> PPOTrainer:
+    """The four models of `cfg`: actor and reference from the SFT checkpoint, the critic from the reward model
+    (or SFT, with a fresh value head), and the reward model, unless `reward_fn` replaces it."""
+    device = torch.device(device)
+    actor, _, _ = load_model(cfg.sft_model, head="lm", device=device)
+    ref = copy.deepcopy(actor)
+    critic_src = cfg.reward_model if cfg.critic_init == "reward" else cfg.sft_model
+    critic, _, _ = load_model(critic_src, head="scalar", device=device)
+    if reward_fn is not None:
+        def score(prompts, samples):
+            return scores_from_fn(reward_fn, tok, prompts, samples, device)
+    else:
+        rm = RewardScorer.load(cfg.reward_model, device=device)  # eval, dropout off, normalisation from meta
+
+        def score(prompts, samples):  # read at each row's last real token: the response's closing <|end|>
+            return in_chunks(lambda e: rm.score_ids(e.input_ids, e.attention_mask), samples.experience,
+                             cfg.micro_batch_size)
+    return PPOTrainer(cfg, actor, ref, critic, tok, score, ptx, device)
+
+
+def prompt_indices(n_prompts: int, iteration: int, batch_size: int, seed: int) -> list[int]:
+    """Prompts of one iteration: consecutive slices of a fresh permutation per pass over the prompt set."""
+    out, perms = [], {}
+    for j in range(iteration * batch_size, (iteration + 1) * batch_size):
+        epoch, pos = divmod(j, n_prompts)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n_prompts, generator=step_generator(seed, epoch, micro=7)).tolist()
+        out.append(perms[epoch][pos])
+    return out
+
+
+def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_fn: RewardFn | None = None,
+            ptx_source: PtxSource | None = None) -> dict:
+    """Train a policy with PPO; returns a summary (first/last mean score, last KL, beta, seconds, out).
+
+    reward_fn(prompt_texts, response_texts, response_ids) -> scores replaces the reward model (toy rewards,
+    tests); ptx_source replaces the PPO-ptx batches read from cfg.ptx.data.
+    """
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    cfg.validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LmforgeError("lmforge ppo runs in one process (one GPU); launch it without torchrun")
+    tok, prompts, ptx = _check_inputs(cfg, reward_fn is not None)
+    ptx = ptx_source or ptx
+    out = Path(cfg.out)
+    rundir = RunDir(out, "ppo", resume, cfg.overwrite, inputs={"sft_model": cfg.sft_model,
+                                                              "reward_model": cfg.reward_model})
+    state = rundir.check()
+
+    if cfg.top_k or cfg.top_p < 1.0:
+        print(f"note: sampling with top_k={cfg.top_k}, top_p={cfg.top_p}; PPO log-probs still come from the "
+              "unfiltered softmax(logits / temperature)")
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    trainer = build_trainer(cfg, tok, device, reward_fn, ptx)
+    start = 0
+    if state is not None:
+        policy, _, _ = load_model(out, head="lm", device=device)
+        start = trainer.load_state_dict(state, policy.state_dict())
+        del policy
+    meta = {"stage": "ppo", "sft_model": str(cfg.sft_model), "reward_model": str(cfg.reward_model or "reward_fn"),
+            "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "ema_decay": cfg.ema_decay,
+            "config": to_dict(cfg)}
+
+    def save(iteration: int) -> None:
+        policy = trainer.ema if trainer.ema is not None else trainer.actor
+        save_checkpoint(out, policy, tok, {**meta, "iteration": iteration, "kl_coef": trainer.kl_ctl.value},
+                        trainer.state_dict(iteration))
+        # After the policy: its directory swap keeps files, not sub-directories. Resume reads the critic
+        # from training_state.pt, so a crash between the two saves loses nothing.
+        save_checkpoint(out / "critic", trainer.critic, tok, {"stage": "ppo_critic", "iteration": iteration})
+
+    history = []
+    with rundir.active(start):
+        logger = MetricsLogger(out)
+        bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo",
+                   disable=not progress, dynamic_ncols=True, leave=False)
+        for it in bar:
+            batch = [prompts[i] for i in prompt_indices(len(prompts), it, cfg.batch_size, cfg.seed)]
+            stats, samples, exp = trainer.iteration(batch, cfg.seed, it)
+            history.append(stats)
+            logger.log(it + 1, stats)
+            with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+                for i in range(min(cfg.log_samples, len(batch))):
+                    f.write(json.dumps({"iteration": it + 1, "prompt": batch[i].text,
+                                        "response": tok.decode(samples.responses[i]), "ended": samples.ended[i],
+                                        "score": float(exp.scores[i])}, ensure_ascii=False) + "\n")
+            bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", beta=f"{stats['beta']:.3g}")
+            if (cfg.save_every and (it + 1) % cfg.save_every == 0) or it + 1 == cfg.iterations:
+                save(it + 1)
+        bar.close()
+    summary = {"out": str(out), "iterations": cfg.iterations, "seconds": time.perf_counter() - t_start,
+               "beta": trainer.kl_ctl.value}
+    if history:
+        summary.update(score_first=history[0]["score"], score_last=history[-1]["score"],
+                       kl_last=history[-1]["kl"], eos_frac_last=history[-1]["eos_frac"])
+    rundir.finish(summary, to_dict(cfg))
+    return summary
+
+
+def _print_summary(cfg: PPOConfig, resume: bool) -> None:
+    s = run_ppo(cfg, resume=resume)
+    if "score_last" in s:
+        print(f"ppo: {s['iterations']} iterations in {s['seconds']:.1f}s; score {s['score_first']:.3f} -> "
+              f"{s['score_last']:.3f}, KL {s['kl_last']:.3f}, beta {s['beta']:.4g} -> {s['out']}")
+    else:
+        print(f"ppo: nothing to do, {s['out']} already has {s['iterations']} iterations")
+
+
+COMMAND = Command(
+    "lmforge ppo", "RLHF with PPO against a reward model (InstructGPT step 3).", PPOConfig, _print_summary,
+    resume=True,
+    flags=(Flag("--sft-model", "sft_model", "SFT checkpoint: policy and reference"),
+           Flag("--reward-model", "reward_model", "reward model checkpoint"),
+           Flag("--prompts", "prompts", "RL prompts (JSONL)"), Flag("--out", "out", "output directory")),
+    examples=("lmforge ppo --config configs/ppo_tiny.yaml",
+              "lmforge ppo --config configs/ppo_tiny.yaml iterations=50 kl_coef=0.05 actor_optim.lr=2e-5",
+              "lmforge ppo --config configs/ppo_tiny.yaml kl_target=6.0 ptx.coef=1.0 ptx.data=runs/lmforge-tiny/world/corpus.txt",
+              "lmforge ppo --config configs/ppo_tiny.yaml --resume"))
+
+
+def _wire(ctx: StageContext) -> dict:
+    return {"sft_model": ctx.artifact("sft_model"), "reward_model": ctx.artifact("reward_model"),
+            "prompts": ctx.artifact("rl_prompts"), "out": ctx.dir("ppo"), "device": ctx.device, "overwrite": True}
+
+
+STAGE = Stage("ppo", PPOConfig, lambda ctx, cfg: run_ppo(cfg), inputs=("sft_model", "reward_model", "rl_prompts"),
+              outputs={"ppo_model": ""}, wire=_wire, policy="ppo", branch=True)

@@ -1,0 +1,144 @@
+"""Policy evaluation: teacher-forced log-probs, KL to SFT, win rates, the reward-hacking flag."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.checkpoint import save_checkpoint
+from lmforge.errors import LmforgeError
+from lmforge.stages.evaluate import EvalConfig, evaluate_policies, response_logprobs, reward_hacking_flag, significant_drop
+from lmforge.model import Transformer
+from tests.conftest import tiny_config
+
+
+
+
+def test_response_logprobs_match_a_brute_force_loop():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=50, init_std=0.3)).eval()
+    prompts = [[1, 5, 6, 7, 8], [1, 9], [1, 2, 3], [1, 4, 4, 4, 4, 4, 4]]
+    responses = [[10, 11], [12, 13, 14, 15, 16], [], [17]]
+    expected = []
+    for p, r in zip(prompts, responses):
+        seq = torch.tensor([p + r])
+        with torch.no_grad():
+            logp = F.log_softmax(model(seq)[0].double(), dim=-1)
+        expected.append(sum(float(logp[len(p) + j - 1, tok]) for j, tok in enumerate(r)))
+    for bs in (1, 3, 8):
+        got = response_logprobs(model, prompts, responses, pad_id=0, batch_size=bs)
+        assert got.dtype == torch.float64 and got.shape == (4,)
+        assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-4)
+    assert got[2] == 0.0  # an empty response has log-prob 0
+
+
+def test_significant_drop_is_a_one_sided_paired_test():
+    base = [50.0, 60.0, 40.0, 70.0, 55.0, 45.0, 65.0, 35.0]
+    assert significant_drop([b - 10 for b in base], base)           # every prompt lost 10 points
+    assert not significant_drop([b + 10 for b in base], base)       # a rise is never a drop
+    # A 0.2-point mean drop made of large swings either way is noise, not a drop (the old flag fired on it).
+    noisy = [b + d for b, d in zip(base, [20, -20, 19.6, -20, 20, -20, 20, -21.2])]
+    assert sum(noisy) / 8 < sum(base) / 8 and not significant_drop(noisy, base)
+    assert not significant_drop([1.0], [2.0])                       # one prompt is no evidence
+
+
+def test_reward_hacking_flag_needs_a_higher_rm_score_and_a_significant_judge_drop():
+    base = [50.0, 60.0, 40.0, 70.0, 55.0, 45.0]
+    rows = {"sft": {"rm_score": 0.0}, "hacker": {"rm_score": 2.0}, "good": {"rm_score": 1.0},
+            "worse": {"rm_score": -1.0}, "no_rm": {"rm_score": None}}
+    per_prompt = {"sft": base, "hacker": [b - 10 for b in base], "good": [b + 5 for b in base],
+                  "worse": [b - 20 for b in base], "no_rm": [b - 20 for b in base]}
+    assert reward_hacking_flag(rows, per_prompt, "sft") == ["hacker"]
+    assert reward_hacking_flag({"sft": {"rm_score": None}, "x": {"rm_score": 3.0}},
+                               {"sft": base, "x": [0.0] * 6}, "sft") == []
+
+
+@pytest.fixture(scope="module")
+def policies(tok, tmp_path_factory):
+    root = tmp_path_factory.mktemp("policies")
+    torch.manual_seed(0)
+    save_checkpoint(root / "sft", Transformer(tiny_config(vocab_size=tok.vocab_size)), tok, meta={"stage": "sft"})
+    shutil.copytree(root / "sft", root / "copy")  # same weights under another name
+    torch.manual_seed(1)  # a different, peakier policy: its distribution is far from the SFT one
+    save_checkpoint(root / "other", Transformer(tiny_config(vocab_size=tok.vocab_size, init_std=0.5)), tok)
+    return {"sft": root / "sft", "copy": root / "copy", "other": root / "other"}
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    recs = [{"Instruction": "What is 3 + 4?", "Input": ""}, {"instruction": "Compute 10 - 2."},
+            {"Instruction": "Solve", "Input": "6 + 41"}, {"instruction": "计算 24 + 48"},
+            {"instruction": "Write 'car' in uppercase."},
+            {"messages": [{"role": "user", "content": "How much is 7 plus 8?"}]}]
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def _eval(policies: dict, prompts, **kw):
+    cfg = EvalConfig(policies=[f"{n}={d}" for n, d in policies.items()], prompts=str(prompts), **kw)
+    cfg.validate()
+    return evaluate_policies(cfg, progress=False)
+
+
+def test_evaluate_policies_kl_to_itself_is_zero_and_sft_wins_half(policies, prompts_file):
+    from lmforge.world import oracle_breakdown, oracle_score
+
+    res = _eval(policies, prompts_file, max_new_tokens=12, batch_size=4, n_examples=2)
+    rows = res["policies"]
+    assert list(rows) == ["sft", "copy", "other"] and res["prompts"] == 6
+    assert rows["sft"]["win_rate_vs_sft"] == 0.5 and rows["sft"]["kl_to_sft"] == 0.0
+    # A copy of the SFT weights: the KL estimate is computed (not special-cased) and is exactly zero.
+    assert rows["copy"]["kl_to_sft"] == 0.0
+    assert rows["copy"]["win_rate_vs_sft"] == 0.5
+    assert rows["copy"]["judge_score"] == rows["sft"]["judge_score"]
+    assert rows["copy"]["mean_length"] == rows["sft"]["mean_length"]
+    # KL(pi || pi_sft) of a peaked policy against a near-uniform one is large and positive.
+    assert rows["other"]["kl_to_sft"] > 1.0
+    assert 0.0 <= rows["other"]["win_rate_vs_sft"] <= 1.0
+    for row in rows.values():
+        assert row["rm_score"] is None
+        assert 0 < row["mean_length"] <= 12
+        assert len(row["examples"]) == 2
+        for ex in row["examples"]:
+            assert ex["judge_score"] == oracle_score(ex["prompt"], ex["response"])
+        assert set(row["parts"]) == {"correctness", "politeness", "concision"}
+        assert sum(row["parts"].values()) == pytest.approx(row["judge_score"])
+    assert res["reward_hacking"] == [] and res["judge"] == "oracle" and res["baseline"] == "sft"
+    assert oracle_breakdown  # the parts are the oracle's breakdown, averaged over the prompts
+
+
+def test_evaluate_checks_inputs_before_generating(policies, prompts_file, tmp_path):
+    with pytest.raises(LmforgeError, match=r"config key 'baseline' must be one of the policies \(ppo\), got 'sft'"):
+        _eval({"ppo": policies["other"]}, prompts_file, baseline="sft")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "What is 1 + 1?"}\n{"messages": []}\n')
+    with pytest.raises(LmforgeError, match=r"bad.jsonl:2: 'messages' must be a non-empty list"):
+        _eval(policies, bad)
+    bad.write_text('{"instruction": "What is 1 + 1?"}\n{"instruction": "Write a poem"}\n')
+    with pytest.raises(LmforgeError, match=r"bad.jsonl:2: .*no known task family.*built-in world"):
+        _eval(policies, bad)
+    other_tok = tmp_path / "other_tok"
+    torch.manual_seed(0)
+    from lmforge.tokenizer import train_tokenizer
+
+    (tmp_path / "c.txt").write_text("a different corpus gives a different tokenizer " * 50)
+    tok2 = train_tokenizer([tmp_path / "c.txt"], 300, tmp_path / "tok2")
+    save_checkpoint(other_tok, Transformer(tiny_config(vocab_size=tok2.vocab_size)), tok2)
+    with pytest.raises(LmforgeError, match="tokenizer mismatch: policy 'odd'"):
+        _eval({"sft": policies["sft"], "odd": other_tok}, prompts_file)
+
+
+def test_rm_score_is_the_mean_normalised_reward(policies, prompts_file, tmp_path, tok):
+    """A reward model whose head ignores the input (weight 0, bias 3) scores every response (3 - 1) / 0.5 = 4."""
+    torch.manual_seed(0)
+    rm = Transformer(tiny_config(vocab_size=tok.vocab_size), head="scalar")
+    with torch.no_grad():
+        rm.score.weight.zero_()
+        rm.score.bias.fill_(3.0)
+    save_checkpoint(tmp_path / "rm", rm, tok, meta={"stage": "rm", "reward_mean": 1.0, "reward_std": 0.5})
+    res = _eval({"sft": policies["sft"], "ppo": policies["other"]}, prompts_file, reward_model=str(tmp_path / "rm"),
+                max_new_tokens=6)
+    assert [r["rm_score"] for r in res["policies"].values()] == [pytest.approx(4.0, abs=1e-5)] * 2
