@@ -28,7 +28,19 @@ from lmforge.cli import Command, Flag, key_help
 from lmforge.config import _build, _merge, load_config, read_yaml, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.stage import POLICIES, Stage, StageContext
-from lmforge.stages import data, evaluate, label, ppo, pretrain, report, rm, sample, sft, tokenizer, world
+from lmforge.stages import (
+    data,
+    evaluate,
+    label,
+    ppo,
+    pretrain,
+    report,
+    rm,
+    sample,
+    sft,
+    tokenizer,
+    world,
+)
 
 STAGES: list[Stage] = [
     world.STAGE,
@@ -263,16 +275,6 @@ def with_preset(tree: dict) -> dict:
         presets = ", ".join(sorted(p.stem.removeprefix("run_") for p in PRESET_DIR.glob("run_*.yaml")))
         raise LmforgeError(f"config key 'preset': unknown preset {name!r} (presets: {presets})")
     return _merge(_merge(read_yaml(preset_file), {"preset": name}), tree)
-
-
-def load_run_config(config: str | None = None, preset: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Preset YAML <- user config file <- overrides."""
-    from lmforge.config import parse_overrides
-
-    tree = read_yaml(config) if config else {}
-    if preset:
-        tree["preset"] = preset
-    return run_config(with_preset(_merge(tree, parse_overrides(overrides or []))))
 
 
 def _run(cfg: RunConfig, from_stage: str | None = None) -> None:

@@ -19,8 +19,8 @@ from lmforge.chat import stop_ids
 from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingParams, generate, left_pad
 from lmforge.model import Transformer
-from lmforge.rl_utils import logprobs_from_logits
 from lmforge.prompts import Prompt, encode_prompts, read_prompts
+from lmforge.rl_utils import logprobs_from_logits
 from lmforge.tokenizer import Tokenizer
 
 # reward_fn(prompt_texts, response_texts, response_ids) -> one float per response. prompt_texts are the last

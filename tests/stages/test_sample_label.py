@@ -4,8 +4,6 @@ The judges themselves (ranks_from_scores, parse_ranking, the retry of a malforme
 these tests cover the `sample` and `label` stages: file output, file:line errors, summaries."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from lmforge.model import Transformer
 from lmforge.prompts import read_prompts
 from lmforge.stages.sample import SampleConfig, sample_candidates
 from tests.conftest import tiny_config
+from tests.judge_server import JudgeServer
 
 
 
@@ -172,59 +171,6 @@ def test_oracle_rejects_prompts_outside_the_world(tmp_path):
 
 
 # ---- the openai judge against a real local HTTP server ---------------------------------------------------
-
-class JudgeServer:
-    """A real OpenAI-compatible endpoint on 127.0.0.1: ranks candidates longest-first (ties: lower number).
-
-    mode "ok": answers correctly; "bad_once": the first answer of each conversation is prose, the retry is
-    answered; "always_bad": never a ranking; "http_error": status 500.
-    """
-
-    def __init__(self, mode="ok"):
-        self.mode, self.requests = mode, []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                if server.mode == "http_error":
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                prompt = body["messages"][1]["content"]
-                cands = {}
-                for block in prompt.split("Candidate ")[1:]:
-                    num, text = block.split(":\n", 1)
-                    cands[int(num)] = text.rsplit("\n\n", 1)[0] if "\n\nRank all" in text else text.rstrip("\n")
-                order = sorted(cands, key=lambda i: (-len(cands[i]), i))
-                first_try = len(body["messages"]) == 2
-                if server.mode == "always_bad" or (server.mode == "bad_once" and first_try):
-                    content = "Candidate one is clearly the best."
-                else:
-                    content = f"My ranking: {json.dumps(order)}"
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
 
 CANDS = [
     {"input": "Name a fruit", "candidates": ["apple", "a red apple", "apple", "a"]},

@@ -26,7 +26,6 @@ from typing import Callable, Literal
 
 import torch
 
-from lmforge.chat import record_to_messages, render
 from lmforge.checkpoint import (
     load_model,
     read_config,
@@ -35,9 +34,8 @@ from lmforge.checkpoint import (
 )
 from lmforge.cli import Command, Flag
 from lmforge.config import to_dict
-from lmforge.errors import ConfigError, LmforgeError, where
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.losses import lm_loss
-from lmforge.records import read_records
 from lmforge.rundir import RunDir
 from lmforge.stage import Stage, StageContext
 from lmforge.generation import SamplingParams
@@ -66,7 +64,8 @@ from lmforge.rollout import (
     sample_responses,
     scores_from_fn,
 )
-from lmforge.tokenizer import Tokenizer, check_same_tokenizer, iter_documents
+from lmforge.ptx import PtxConfig, PtxSource
+from lmforge.tokenizer import Tokenizer, check_same_tokenizer
 from lmforge.training import (
     MetricsLogger,
     OptimConfig,
@@ -84,15 +83,6 @@ from lmforge.training import (
 def _ppo_optim() -> OptimConfig:
     # Adam eps 1e-5 as in the N+ reproduction; max_steps and grad_accum are derived (see PPOConfig).
     return OptimConfig(lr=1e-5, eps=1e-5, weight_decay=0.0, warmup_steps=0, schedule="constant", max_steps=1)
-
-
-@dataclass
-class PtxConfig:
-    """PPO-ptx: gamma * pretraining LM loss, mixed into the same optimizer step (InstructGPT: gamma = 27.8)."""
-    coef: float = 0.0                                  # gamma; 0 = plain PPO
-    data: list[str] = field(default_factory=list)     # .txt/.gz documents, .jsonl with "text" or SFT records
-    batch_size: int = 4                                # sequences per micro-batch
-    seq_len: int = 64
 
 
 @dataclass
@@ -169,45 +159,6 @@ class PPOConfig:
         need(self.ptx.batch_size > 0 and self.ptx.seq_len > 1, "ptx.batch_size", "and ptx.seq_len must be positive")
         need(bool(self.sft_model), "sft_model", "is required (the SFT checkpoint directory)")
         need(bool(self.prompts), "prompts", "is required (a JSONL file of prompts)")
-
-
-# ---------------------------------------------------------------------------------------------- PPO-ptx data
-
-class PtxSource:
-    """Pretraining batches for PPO-ptx: random windows of `seq_len` tokens from one token stream.
-
-    The interface is one method, `batch(generator) -> LongTensor (batch_size, seq_len)`: any object with it
-    (e.g. a reader of prepared token shards) can be passed to run_ppo(ptx_source=...).
-    """
-
-    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int):
-        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
-
-    @classmethod
-    def from_files(cls, paths: list[str], tok: Tokenizer, batch_size: int, seq_len: int) -> "PtxSource":
-        """Text documents (.txt/.gz; .jsonl with "text") get BOS/EOS; SFT records are rendered by the chat template."""
-        stream: list[int] = []
-        for path in paths:
-            if str(path).endswith(".jsonl"):
-                for lineno, rec in read_records(path):
-                    if isinstance(rec, dict) and isinstance(rec.get("text"), str):
-                        stream += [tok.special.bos] + tok.encode(rec["text"]) + [tok.special.eos]
-                        continue
-                    try:
-                        stream += render(tok, record_to_messages(rec))[0]
-                    except ValueError as e:
-                        raise LmforgeError(f"{where(path, lineno)}: {e}") from None
-            else:
-                for doc in iter_documents([path]):
-                    stream += [tok.special.bos] + tok.encode(doc) + [tok.special.eos]
-        if len(stream) < seq_len:
-            raise LmforgeError(f"{', '.join(map(str, paths))}: only {len(stream)} pretraining tokens, "
-                               f"fewer than ptx.seq_len={seq_len}")
-        return cls(torch.tensor(stream, dtype=torch.long), batch_size, seq_len)
-
-    def batch(self, generator: torch.Generator) -> torch.Tensor:
-        starts = torch.randint(0, len(self.tokens) - self.seq_len + 1, (self.batch_size,), generator=generator)
-        return torch.stack([self.tokens[s:s + self.seq_len] for s in starts.tolist()])
 
 
 # ---------------------------------------------------------------------------------------------- the trainer

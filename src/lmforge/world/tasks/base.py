@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 from lmforge.world.style import add_flaws
 
@@ -43,7 +45,7 @@ class Template:
                                   for i, p in enumerate(parts)))
 
 
-class Task:
+class Task(ABC):
     """One task family. Subclasses set the class attributes and implement the methods that raise here.
 
     A key is a tuple naming what one question asks, e.g. (23, '+', 45) or ('banana', 'color'); every template
@@ -52,23 +54,23 @@ class Task:
 
     name: str = ""  # the family name in manifests and reports
     weight: float = 0.0  # share of sampled prompts (SFT, RL and eval) of this family
-    templates: tuple[Template, ...] = ()  # order matters: the sampler draws from it with the seeded rng
-    fields: dict[str, str] = {}  # placeholder -> the regex its values match when a prompt is parsed
+    templates: ClassVar[tuple[Template, ...]] = ()  # order matters: the sampler draws from it with the seeded rng
+    fields: ClassVar[dict[str, str]] = {}  # placeholder -> the regex its values match when a prompt is parsed
     corpus_weight: float = 0.0  # share of pretraining documents drawn from document(); 0 = none
 
     # -- writing questions
 
+    @abstractmethod
     def random_key(self, rng: random.Random) -> tuple:
         """Draw the key of a random question."""
-        raise NotImplementedError
 
     def templates_for(self, key: tuple) -> list[Template]:
         """The templates that can ask key (all of them unless a task's templates are key-specific)."""
         return list(self.templates)
 
+    @abstractmethod
     def placeholders(self, key: tuple) -> dict:
         """The values of the template fields for key."""
-        raise NotImplementedError
 
     def split_of(self, key: tuple) -> str:
         """sft / rl / eval by a seed-independent hash of what is asked: every template of a key lands together."""
@@ -84,9 +86,9 @@ class Task:
         """Each template with its compiled parser, in template order."""
         return [(t, t.pattern(self.fields)) for t in self.templates]
 
+    @abstractmethod
     def key_from_fields(self, template: Template, fields: dict[str, str]) -> tuple | None:
         """The key a parsed prompt asks, or None when the matched text asks nothing this world knows."""
-        raise NotImplementedError
 
     def parse(self, text: str) -> Question | None:
         """The question a stripped prompt asks if one of this task's templates wrote it, else None."""
@@ -99,21 +101,22 @@ class Task:
 
     # -- answers and their score
 
+    @abstractmethod
     def ideal(self, key: tuple, lang: str) -> str:
         """The answer the oracle scores 100: correct, polite-neutral and concise."""
-        raise NotImplementedError
 
+    @abstractmethod
     def wrong(self, key: tuple, lang: str, rng: random.Random) -> str:
         """A plausible wrong answer in the ideal format, for flawed demonstrations."""
-        raise NotImplementedError
 
+    @abstractmethod
     def correctness(self, key: tuple, lang: str, response: str) -> float:
         """0..60: the exact right answer 60, the right content in another form partial credit, hedging 0."""
-        raise NotImplementedError
 
     def document(self, rng: random.Random) -> str:
-        """A pretraining document practising this task's skill, never in instruction format."""
-        raise NotImplementedError
+        """A pretraining document practising this task's skill, never in instruction format. Only tasks with
+        corpus_weight > 0 are asked for one, and those override this."""
+        raise TypeError(f"task {self.name!r} writes no pretraining documents (its corpus_weight is 0)")
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
