@@ -67,7 +67,7 @@ def test_prepare_is_deterministic_and_replaces_previous_output(tok, tmp_path):
     a = prepare_data([src], tok_dir(tok, tmp_path), tmp_path / "a", val_fraction=0.2)
     b = prepare_data([src], tok_dir(tok, tmp_path), tmp_path / "a", val_fraction=0.2)  # re-run over it
     assert a["fingerprint"] == b["fingerprint"]
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["manifest.json", "tokenizer.json",
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["manifest.json", "tokenizer.json", "tokenizer_config.json",
                                                                   "train_000000.bin", "val_000000.bin"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or old directories left
 

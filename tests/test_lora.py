@@ -8,8 +8,10 @@ import torch
 from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.config import load_config
 from lmforge.errors import LmforgeError
-from lmforge.lora import (LINEAR_NAMES, LoraConfig, LoRALinear, apply_lora, load_lora_state_dict, lora_state_dict,
-                          merge_lora, merged_copy)
+from lmforge.lora import (LINEAR_NAMES, LoraConfig, LoRALinear, apply_lora, check_resume_rank, has_lora,
+                          load_lora_state_dict, load_trainable_state_dict, lora_state_dict, merge_lora, merged_copy,
+                          plain_model, trainable_state_dict)
+from lmforge.training import OptimConfig, build_optimizer
 from lmforge.model import Transformer
 from lmforge.stages.sft import SFTConfig, run_sft
 from tests.conftest import tiny_config
@@ -122,3 +124,49 @@ def test_lora_sft_changes_only_the_target_layers(tmp_path, tok):
     assert a.keys() == b.keys()
     changed = {k for k in a if not torch.equal(a[k], b[k])}
     assert changed == {f"model.layers.{i}.self_attn.{n}.weight" for i in range(2) for n in ("q_proj", "v_proj")}
+
+
+def test_scalar_head_stays_trainable_and_alone_with_the_adapters_gets_gradients():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(), head="scalar")
+    apply_lora(model, LoraConfig(rank=2, targets=["q_proj", "v_proj"]), keep_trainable=("score.",))
+    model(IDS, attention_mask=MASK).pow(2).mean().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == {f"model.layers.{i}.self_attn.{n}.lora_{m}" for i in range(2) for n in ("q_proj", "v_proj")
+                         for m in "AB"} | {"score.weight"}
+    opt = build_optimizer(model, OptimConfig())
+    in_optimizer = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+    # The resume state holds exactly the trainable tensors; it restores them into an identically set-up model.
+    _randomise_adapters(model)
+    state = trainable_state_dict(model)
+    assert state.keys() == with_grad
+    torch.manual_seed(5)  # other random adapters and head: all overwritten by the load
+    other = Transformer(tiny_config(), head="scalar")
+    apply_lora(other, LoraConfig(rank=2, targets=["q_proj", "v_proj"]), keep_trainable=("score.",))
+    with pytest.raises(LmforgeError, match="do not match"):
+        load_trainable_state_dict(_lora(rank=2, targets=["q_proj"]), state)
+    load_trainable_state_dict(other, state)
+    assert all(torch.equal(state[k], p) for k, p in other.named_parameters() if p.requires_grad)
+
+
+def test_plain_model_merges_only_when_there_are_adapters():
+    model = _model()
+    assert plain_model(model) is model and not has_lora(model)
+    apply_lora(model, LoraConfig(rank=2))
+    _randomise_adapters(model)
+    plain = plain_model(model)
+    assert has_lora(model) and not has_lora(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(IDS, attention_mask=MASK), model(IDS, attention_mask=MASK),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_resume_rank_check_and_nested_validation_name_the_key():
+    check_resume_rank("out", {"actor_lora_rank": 4}, "actor_lora", 4)
+    check_resume_rank("out", {}, "lora", 0)  # a run saved before LoRA existed is rank 0
+    with pytest.raises(LmforgeError, match=r"out: cannot resume: config key 'lora.rank' differs \(checkpoint 0\)"):
+        check_resume_rank("out", {}, "lora", 2)
+    with pytest.raises(LmforgeError, match="config key 'critic_lora.alpha' must be positive"):
+        LoraConfig(rank=2, alpha=0.0).validate_as("critic_lora")

@@ -1,14 +1,23 @@
 """The one chat template, used by SFT, the reward model, RL rollouts, generation and serving alike.
+lmforge's own tokenizer renders
 
     <|bos|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>
 
-The seed's instruction layout `[Instruction] + [separator] + ([Input]) + [separator] + [Output]` maps onto one
-user turn (instruction, a newline, then the input when there is one) and one assistant turn (the output).
+The template is the tokenizer's Jinja `chat_template` (tokenizer_config.json), rendered as transformers'
+apply_chat_template renders it, so a pretrained model's own format (ChatML `<|im_start|>`, Llama 3 headers)
+works as well as lmforge's. The seed's instruction layout `[Instruction] + [separator] + ([Input]) +
+[separator] + [Output]` maps onto one user turn (instruction, a newline, then the input when there is one) and
+one assistant turn (the output).
 The reward model must see exactly the layout it was trained on, so every stage renders through here.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from functools import lru_cache
+
+from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -73,44 +82,134 @@ def record_to_messages(rec, require_response: bool = True) -> list[dict]:
     raise ValueError("expected an instruction record (instruction/input/output) or a chat record (messages)")
 
 
-def _role_id(tok: Tokenizer, role: str) -> int:
-    return {"system": tok.special.system, "user": tok.special.user, "assistant": tok.special.assistant}[role]
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    """A Jinja template compiled as transformers' apply_chat_template compiles it (sandboxed, trim_blocks,
+    lstrip_blocks, loop controls, `raise_exception`, `tojson`, `strftime_now`)."""
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(template)
+
+
+def render_text(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as text, through the tokenizer's chat template (what apply_chat_template renders)."""
+    import jinja2
+
+    values = {k: tok.token_text(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    try:
+        return _compile(tok.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                  tools=None, documents=None, **values)
+    except jinja2.exceptions.TemplateError as e:
+        raise LmforgeError(f"chat template: {e}") from None
+
+
+_SENTINEL = "\ue000{}\ue001"  # private-use characters: never in real text, untouched by templates
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+def _layout(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int, int]]]:
+    """Rendered text and the (message index, start, end) character span of each message's content in it.
+
+    The template is rendered once with placeholders for the contents, to see where each one lands, and the
+    result must equal the plain rendering: a template that rewrites content beyond trimming it is refused.
+    """
+    marked = render_text(tok, [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)],
+                         add_generation_prompt)
+    real = render_text(tok, messages, add_generation_prompt)
+    for transform in (lambda c: c, str.strip):
+        parts, spans, pos = [], [], 0
+        for match in _SENTINEL_RE.finditer(marked):
+            i = int(match.group(1))
+            parts.append(marked[pos:match.start()])
+            start = sum(map(len, parts))
+            parts.append(transform(messages[i]["content"]))
+            spans.append((i, start, start + len(parts[-1])))
+            pos = match.end()
+        parts.append(marked[pos:])
+        if "".join(parts) == real and len({i for i, _, _ in spans}) == len(spans):
+            return real, spans
+    raise LmforgeError("chat template rewrites message content (beyond trimming it); lmforge cannot place the "
+                       "loss mask in its output")
+
+
+def end_of_turn_token(tok: Tokenizer) -> int | None:
+    """The special token the template puts right after an assistant message's content (None: no such token)."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    text, spans = _layout(tok, msgs, False)
+    tail = text[spans[-1][2]:]
+    for t in tok.hf.encode(tail, add_special_tokens=False).ids[:1]:
+        if t in {i for i, a in tok.hf.get_added_tokens_decoder().items() if a.special}:
+            return t
+    return None
 
 
 def render(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids and loss mask of a whole conversation.
+    """Token ids and loss mask of a whole conversation, exactly as apply_chat_template tokenizes it.
 
-    The mask is 1 exactly on assistant content tokens and the <|end|> closing each assistant turn (so the
-    model learns to stop), 0 elsewhere (BOS, role tokens, system and user turns).
+    The mask is 1 on the tokens of each assistant message's content and on the end-of-turn token that closes
+    it (so the model learns to stop), 0 elsewhere (BOS, role headers, system and user turns, and anything the
+    template writes after the end-of-turn token). Special-token text inside a message is read as that special
+    token, as transformers does.
     """
-    sp = tok.special
-    ids, mask = [sp.bos], [0]
-    for m in messages:
-        body = tok.encode(m["content"])
-        learn = 1 if m["role"] == "assistant" else 0
-        ids += [_role_id(tok, m["role"])] + body + [sp.end]
-        mask += [0] + [learn] * (len(body) + 1)
+    text, spans = _layout(tok, messages, False)
+    enc = tok.hf.encode(text, add_special_tokens=False)
+    ids = enc.ids
+    learn = []  # character spans to learn: assistant content through its end-of-turn token
+    for i, start, end in spans:
+        if messages[i]["role"] == "assistant":
+            learn.append((start, end))
+    mask = [0] * len(ids)
+    for start, end in learn:
+        k = 0
+        while k < len(ids) and enc.offsets[k][1] <= start:
+            k += 1
+        while k < len(ids) and enc.offsets[k][0] < end:
+            mask[k] = 1
+            k += 1
+        # the end-of-turn token: the first special token after the content (only whitespace may come between)
+        while k < len(ids) and ids[k] != tok.special.end and not text[enc.offsets[k][0]:enc.offsets[k][1]].strip():
+            k += 1
+        if k < len(ids) and ids[k] == tok.special.end:
+            mask[k] = 1
     return ids, mask
 
 
 def render_prompt(tok: Tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation that ends in a user turn, followed by the assistant role token,
-    ready for generation (the model continues with the response and <|end|>)."""
-    ids, _ = render(tok, messages)
-    return ids + [tok.special.assistant]
+    """Token ids of a conversation that ends in a user turn, followed by the template's assistant header,
+    ready for generation (the model continues with the response and the end-of-turn token)."""
+    return tok.hf.encode(render_text(tok, messages, add_generation_prompt=True), add_special_tokens=False).ids
+
+
+def render_completion(tok: Tokenizer, prompt: list[dict], response: str) -> list[int]:
+    """Token ids of prompt + response, ending at the response's end-of-turn token: the layout of a finished
+    rollout, and where a decoder reward model reads its score."""
+    ids, mask = render(tok, prompt + [{"role": "assistant", "content": response}])
+    last = max(i for i, m in enumerate(mask) if m) if any(mask) else len(ids) - 1
+    return ids[:last + 1]
 
 
 def render_response(tok: Tokenizer, response: str) -> list[int]:
-    """Token ids of an assistant response as the template closes it (content + <|end|>)."""
+    """Token ids of an assistant response as the template closes it (content + end-of-turn token)."""
     return tok.encode(response) + [tok.special.end]
 
 
 def stop_ids(tok: Tokenizer) -> list[int]:
     """Tokens that end a generated response."""
-    return [tok.special.end, tok.special.eos]
+    return sorted({tok.special.end, tok.special.eos})
 
 
 def render_encoder_pair(tok: Tokenizer, prompt: str, candidate: str) -> list[int]:
     """The seed's encoder (BERT-style) reward-model layout: [BOS] prompt [SEP] candidate [EOS]."""
     sp = tok.special
+    if not tok.is_lmforge:
+        raise LmforgeError("an encoder (BERT-style) model needs lmforge's own tokenizer (its BOS/SEP/EOS layout)")
     return [sp.bos] + tok.encode(prompt) + [sp.sep] + tok.encode(candidate) + [sp.eos]

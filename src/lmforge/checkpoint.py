@@ -1,4 +1,9 @@
-"""Checkpoint directories: config.json, model.safetensors, tokenizer.json, and optionally training_state.pt.
+"""Checkpoint directories: config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+generation_config.json, and optionally training_state.pt.
+
+The layout is Hugging Face's, so a policy directory loads with transformers' AutoModelForCausalLM and
+AutoTokenizer as it is, and a Hugging Face folder of the Llama family or Qwen2 loads here as it is
+(`hf:PATH` says so explicitly; `gguf:FILE` converts a GGUF file once, see lmforge.hf).
 
 Writes are atomic: everything goes into a temporary sibling directory that is renamed into place, so a crash
 mid-save never damages the latest good checkpoint. Loading is safe: safetensors for weights and
@@ -18,26 +23,49 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import ModelConfig, Transformer, rope_inv_freq
 from lmforge.tokenizer import Tokenizer
 
 CONFIG_FILE, WEIGHTS_FILE, STATE_FILE = "config.json", "model.safetensors", "training_state.pt"
-OWNED_FILES = {CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, "tokenizer.json"}
+GENERATION_CONFIG_FILE = "generation_config.json"
+OWNED_FILES = {CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, GENERATION_CONFIG_FILE, "tokenizer.json",
+               "tokenizer_config.json", "chat_template.jinja"}
+SUPPORTED = "Llama family (Llama, SmolLM, TinyLlama, Mistral without sliding window) or Qwen2"
+
+
+def hf_architecture(cfg: ModelConfig, head: str) -> tuple[str, str]:
+    """(model_type, class name) under which transformers loads a model of this config and head."""
+    family = "qwen2" if cfg.qkv_bias and not cfg.o_proj_bias else "llama"
+    prefix = {"llama": "Llama", "qwen2": "Qwen2"}[family]
+    return family, prefix + ("ForSequenceClassification" if head == "scalar" else "ForCausalLM")
 
 
 def _hf_fields(model: Transformer, tok: Tokenizer) -> dict:
-    """The fields transformers' LlamaConfig reads, so a later exporter needs no renaming."""
-    return {
-        "architectures": ["LlamaForCausalLM"] if model.head != "scalar" else ["LlamaForSequenceClassification"],
-        "model_type": "llama",
+    """The fields transformers' LlamaConfig / Qwen2Config read, so the directory loads in transformers as is."""
+    c = model.config
+    model_type, arch = hf_architecture(c, model.head)
+    if not c.is_causal:  # no transformers class runs a bidirectional Llama: make AutoModel refuse, not misload
+        model_type, arch = "lmforge_encoder", "LmforgeEncoder"
+    fields = {
+        "architectures": [arch],
+        "model_type": model_type,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
+        "attention_bias": c.o_proj_bias,
         "bos_token_id": tok.special.bos,
-        "eos_token_id": [tok.special.end, tok.special.eos],
+        "eos_token_id": stop_token_ids(tok),
         "pad_token_id": tok.special.pad,
-        "torch_dtype": "float32",
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
+    if model_type == "qwen2":
+        fields.update(use_sliding_window=False, sliding_window=None)
+    if model.head == "scalar":
+        fields.update(num_labels=1, id2label={"0": "score"}, label2id={"score": 0})
+    return fields
+
+
+def stop_token_ids(tok: Tokenizer) -> list[int]:
+    """End-of-turn and EOS: where generation stops (generation_config.json's eos_token_id)."""
+    return sorted({tok.special.end, tok.special.eos})
 
 
 def atomic_directory_write(target: Path, write_fn) -> None:
@@ -69,7 +97,20 @@ def atomic_directory_write(target: Path, write_fn) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory at `path`, or its `.old` twin if a crash interrupted a swap."""
+    """The checkpoint directory at `path`, or its `.old` twin if a crash interrupted a swap.
+
+    `hf:DIR` names a Hugging Face folder (read as it is); `gguf:FILE` a GGUF file, converted once into a
+    cache directory (lmforge.hf.gguf_checkpoint)."""
+    spec = str(path)
+    if spec.startswith("gguf:"):
+        from lmforge.hf import gguf_checkpoint
+
+        return gguf_checkpoint(spec[5:])
+    if spec.startswith("hf:"):
+        path = Path(spec[3:])
+        if not (path / CONFIG_FILE).is_file():
+            raise LmforgeError(f"{path}: not a Hugging Face model folder (no {CONFIG_FILE})")
+        return path
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         return path
@@ -89,10 +130,17 @@ def save_checkpoint(path: str | Path, model: Transformer, tok: Tokenizer, meta: 
         del state["lm_head.weight"]  # safetensors refuses shared tensors; HF re-ties on load
     config = {**dataclasses.asdict(model.config), **_hf_fields(model, tok),
               "lmforge": {"head": model.head, "tokenizer_fingerprint": tok.fingerprint(), **(meta or {})}}
+    if model.head == "scalar" and meta and "reward_mean" in meta:
+        # transformers' logits are the raw score; this is the normalisation every lmforge consumer applies.
+        config["reward_normalization"] = {"mean": meta["reward_mean"], "std": meta.get("reward_std", 1.0),
+                                          "normalized_score": "(logits - mean) / std"}
+    generation = {"bos_token_id": tok.special.bos, "eos_token_id": stop_token_ids(tok),
+                  "pad_token_id": tok.special.pad}
 
     def write(tmp: Path):
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2), encoding="utf-8")
         tok.save(tmp)
         if training_state is not None:
             torch.save(training_state, tmp / STATE_FILE)
@@ -109,11 +157,83 @@ def read_config(path: str | Path) -> dict:
         raise LmforgeError(f"{path / CONFIG_FILE}: invalid JSON ({e})") from None
 
 
-def model_config_from_dict(cfg: dict) -> ModelConfig:
+def model_config_from_dict(cfg: dict, source: str = "config.json") -> ModelConfig:
+    """The ModelConfig of an lmforge config.json, or of a Hugging Face one (Llama family, Mistral, Qwen2)."""
+    if "lmforge" not in cfg:
+        return model_config_from_hf(cfg, source)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     mc = ModelConfig(**{k: v for k, v in cfg.items() if k in fields})
     mc.validate()
     return mc
+
+
+def model_config_from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
+    """Map a transformers config.json onto ModelConfig, refusing what the model here does not compute."""
+    model_type = cfg.get("model_type")
+    if model_type not in ("llama", "mistral", "qwen2"):
+        raise LmforgeError(f"{source}: unsupported architecture {model_type!r} "
+                           f"({', '.join(cfg.get('architectures') or [])}); supported: {SUPPORTED}")
+    for key in ("num_experts", "num_local_experts", "moe_intermediate_size"):
+        if cfg.get(key):
+            raise LmforgeError(f"{source}: mixture-of-experts models are not supported ({key}={cfg[key]})")
+    if model_type == "mistral" and cfg.get("sliding_window") is not None:
+        raise LmforgeError(f"{source}: sliding-window attention is not supported (sliding_window="
+                           f"{cfg['sliding_window']}); a Mistral without it loads")
+    if model_type == "qwen2" and cfg.get("use_sliding_window"):
+        raise LmforgeError(f"{source}: sliding-window attention is not supported (use_sliding_window=true)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise LmforgeError(f"{source}: activation {cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
+    if cfg.get("pretraining_tp", 1) not in (1, None):
+        raise LmforgeError(f"{source}: pretraining_tp={cfg['pretraining_tp']} is not supported")
+    # rope: transformers < 5 writes rope_theta + rope_scaling, >= 5 one rope_parameters dict
+    rope = dict(cfg.get("rope_parameters") or {})
+    theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    scaling = rope if rope.get("rope_type", "default") != "default" else cfg.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    heads = int(cfg["num_attention_heads"])
+    try:
+        mc = ModelConfig(
+            vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            intermediate_size=int(cfg["intermediate_size"]),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type != "llama" or False)),
+            head_dim=int(cfg.get("head_dim") or 0),
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
+            o_proj_bias=model_type != "qwen2" and bool(cfg.get("attention_bias")),
+            mlp_bias=bool(cfg.get("mlp_bias")))
+    except KeyError as e:
+        raise LmforgeError(f"{source}: missing key {e}") from None
+    try:
+        mc.validate()
+    except LmforgeError as e:
+        raise LmforgeError(f"{source}: {e}") from None
+    return mc
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory in fp32: model.safetensors, sharded safetensors
+    (model.safetensors.index.json), or pytorch_model.bin (read with weights_only=True)."""
+    index = path / "model.safetensors.index.json"
+    try:
+        if (path / WEIGHTS_FILE).is_file():
+            state = load_file(str(path / WEIGHTS_FILE))
+        elif index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state = {k: v for shard in shards for k, v in load_file(str(path / shard)).items()}
+        elif (path / "pytorch_model.bin").is_file():
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise LmforgeError(f"{path}: no weights ({WEIGHTS_FILE}, sharded safetensors or pytorch_model.bin)")
+    except LmforgeError:
+        raise
+    except Exception as e:
+        raise LmforgeError(f"{path}: cannot read weights ({e})") from None
+    # Old Llama checkpoints carry rotary tables; fp16/bf16 weights train here in fp32.
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if "rotary_emb" not in k}
 
 
 def load_model(path: str | Path, head: str | None = None, device: str | torch.device = "cpu",
@@ -122,12 +242,24 @@ def load_model(path: str | Path, head: str | None = None, device: str | torch.de
     weights stay freshly initialised (e.g. a reward model built on an SFT checkpoint)."""
     path = resolve_checkpoint(path)
     cfg = read_config(path)
-    saved_head = cfg.get("lmforge", {}).get("head", "lm")
-    model = Transformer(model_config_from_dict(cfg), head=head or saved_head)
-    try:
-        state = load_file(str(path / WEIGHTS_FILE))
-    except Exception as e:
-        raise LmforgeError(f"{path / WEIGHTS_FILE}: cannot read weights ({e})") from None
+    saved_head = cfg.get("lmforge", {}).get("head")
+    if saved_head is None:  # a Hugging Face folder: the class says which head it has
+        saved_head = "scalar" if any("SequenceClassification" in a for a in cfg.get("architectures") or []) else "lm"
+    mc = model_config_from_dict(cfg, str(path / CONFIG_FILE))
+    state = read_weights(path)
+    for name, t in state.items():  # a shape mismatch is named before torch's long message could be
+        if name == "model.embed_tokens.weight" and tuple(t.shape) != (mc.vocab_size, mc.hidden_size):
+            raise LmforgeError(f"{path}: {name} has shape {tuple(t.shape)}, config.json says "
+                               f"({mc.vocab_size}, {mc.hidden_size})")
+    with torch.device("meta"):  # no throwaway random init of a large model: weights come from the file
+        model = Transformer(mc, head=head or saved_head)
+    model.to_empty(device="cpu")
+    model.inv_freq.copy_(rope_inv_freq(mc))
+    # A head the checkpoint lacks (a reward model built on an SFT checkpoint) starts freshly initialised.
+    if hasattr(model, "lm_head") and not mc.tie_word_embeddings and "lm_head.weight" not in state:
+        torch.nn.init.normal_(model.lm_head.weight, 0.0, mc.init_std)
+    if hasattr(model, "score") and "score.weight" not in state:
+        model.init_scalar_head()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -138,6 +270,8 @@ def load_model(path: str | Path, head: str | None = None, device: str | torch.de
     unexpected = [k for k in unexpected if not k.startswith(("score.", "lm_head."))]
     if strict and (missing or unexpected):
         raise LmforgeError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if mc.tie_word_embeddings and hasattr(model, "lm_head"):
+        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty() untied them
     tok = Tokenizer.load(path)
     return model.to(device), tok, cfg.get("lmforge", {})
 

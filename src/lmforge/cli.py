@@ -42,6 +42,8 @@ COMMANDS: dict[str, Any] = {
     "eval": "lmforge.stages.evaluate:COMMAND",
     "report": "lmforge.stages.report:COMMAND",
     "generate": "lmforge.generation:COMMAND",
+    "import": {"hf": "lmforge.hf:IMPORT_HF", "gguf": "lmforge.hf:IMPORT_GGUF"},
+    "export": {"hf": "lmforge.hf:EXPORT_HF"},
     "run": "lmforge.pipeline:COMMAND",
 }
 # The one-line help of each command, here so that `lmforge --help` needs no imports.
@@ -58,6 +60,8 @@ HELP = {
     "eval": "evaluate policies on held-out prompts with a judge",
     "report": "the report (tables and plots) of a run directory",
     "generate": "sample text from a checkpoint",
+    "import": "import hf|gguf: a Hugging Face folder or a GGUF file as an lmforge checkpoint",
+    "export": "export hf: a checkpoint as a transformers folder (AutoModelForCausalLM)",
     "run": "the whole InstructGPT pipeline with a report",
 }
 DEFAULT_SUBCOMMAND = {"rm": "train"}  # `lmforge rm --config ...` trains, as before subcommands existed
@@ -81,6 +85,7 @@ class Command:
     flags: tuple[Flag, ...] = ()
     examples: tuple[str, ...] = ()
     resume: bool = False               # the command has --resume (training stages)
+    positional: Flag | None = None     # one positional argument that sets a key (`lmforge import hf PATH`)
 
     def parser(self) -> argparse.ArgumentParser:
         epilog = ["config keys (YAML file or key=value; defaults in brackets):", *key_help(self.config)]
@@ -88,6 +93,8 @@ class Command:
             epilog += ["", "examples:", *(f"  {e}" for e in self.examples)]
         p = argparse.ArgumentParser(prog=self.prog, description=self.description, epilog="\n".join(epilog),
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        if self.positional is not None:
+            p.add_argument(self.positional.key, nargs="?", metavar=self.positional.name, help=self.positional.help)
         p.add_argument("--config", help="YAML config file (see configs/)")
         for f in self.flags:
             tp = key_type(self.config, f.key)
@@ -106,7 +113,7 @@ class Command:
     def tree(self, args: argparse.Namespace) -> dict:
         """The raw config tree: the --config file <- flags <- key=value overrides."""
         tree = read_yaml(args.config) if args.config else {}
-        for f in self.flags:
+        for f in self.flags + ((self.positional,) if self.positional else ()):
             value = getattr(args, f.key, None)
             if value is not None:
                 tree = _merge(tree, _key_tree(f.key, _flag_value(key_type(self.config, f.key), value)))

@@ -132,8 +132,8 @@ def _encode_chunk(tok: Tokenizer, texts: list[str], first_index: int,
     parts: dict[str, tuple[list, list]] = {s: ([], []) for s in SPLITS}
     for i, (text, ids) in enumerate(zip(texts, tok.encode_batch(texts))):  # encode_batch: parallel Rust threads
         split = "val" if is_val_document(first_index + i, val_fraction) else "train"
-        doc = np.empty(len(ids) + 2, dtype=np.int64)
-        doc[0], doc[1:-1], doc[-1] = tok.special.bos, ids, tok.special.eos
+        bos = [] if tok.special.bos is None else [tok.special.bos]  # Qwen2-style tokenizers have no BOS
+        doc = np.array(bos + ids + [tok.special.eos], dtype=np.int64)
         parts[split][0].append(doc)
         parts[split][1].append(len(text.encode("utf-8")))
     return parts

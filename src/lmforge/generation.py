@@ -190,7 +190,7 @@ def generate_text(cfg: GenerateConfig) -> None:
     device = pick_device(cfg.device)
     model, tok, _ = load_model(cfg.model, head="lm", device=device)
     if cfg.raw:
-        prompts = [[tok.special.bos] + tok.encode(t) for t in cfg.prompt]
+        prompts = [tok.document_ids(t)[:-1] for t in cfg.prompt]  # [BOS] text, no EOS
     else:
         prompts = [chat.render_prompt(tok, [{"role": "user", "content": t}]) for t in cfg.prompt]
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)

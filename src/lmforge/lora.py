@@ -26,10 +26,10 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 @dataclass
 class LoraConfig:
     """rank 0 = off (full fine-tuning). targets: layer names (q_proj, v_proj, ...) or 'all-linear'."""
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rank: int = 0                   # adapter rank r; 0 = LoRA off (full fine-tuning)
+    alpha: float = 16.0             # the update is scaled by alpha / r
+    dropout: float = 0.0            # dropout on the adapter's input
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])   # layer names or all-linear
 
     def validate(self) -> None:
         if self.rank < 0:
@@ -44,6 +44,13 @@ class LoraConfig:
                                    f"(expected {', '.join(LINEAR_NAMES)} or all-linear)")
         if self.rank and not self.targets:
             raise ConfigError("targets", "must name at least one layer")
+
+    def validate_as(self, key: str) -> None:
+        """validate(), naming keys under `key` ('lora.rank'): for a parent config validated outside the loader."""
+        try:
+            self.validate()
+        except ConfigError as e:
+            raise e.under(f"{key}.") from None
 
     def target_names(self) -> tuple[str, ...]:
         return LINEAR_NAMES if "all-linear" in self.targets else tuple(self.targets)
@@ -73,13 +80,14 @@ class LoRALinear(nn.Module):
         return (self.base.weight.detach().float() + self.scaling * delta).to(self.base.weight.dtype)
 
 
-def apply_lora(model: Transformer, cfg: LoraConfig) -> list[str]:
+def apply_lora(model: Transformer, cfg: LoraConfig, keep_trainable: tuple[str, ...] = ()) -> list[str]:
     """Freeze every parameter of `model` and wrap the target linear layers with LoRA adapters, in place.
 
-    Returns the names of the wrapped layers.
+    Parameters whose names start with a prefix in `keep_trainable` stay trainable: a freshly initialised head
+    (`score.` of a reward or value model) has nothing to adapt, it must learn. Returns the wrapped layers' names.
     """
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(keep_trainable))  # startswith(()) is False: all frozen
     targets, wrapped = cfg.target_names(), []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -103,6 +111,24 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise LmforgeError(f"LoRA adapter does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor (adapters and any head kept trainable), on CPU: what a LoRA resume needs besides
+    the frozen base weights, which come from the run's init checkpoint."""
+    return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load tensors saved by `trainable_state_dict` into a model set up the same way (same adapters and heads)."""
+    own = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if own.keys() != state.keys():
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        raise LmforgeError(f"saved trainable weights do not match the model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)
@@ -141,3 +167,20 @@ def merged_copy(model: Transformer, device: str | torch.device = "cpu") -> Trans
     state = {k: v.to(device) for k, v in merged_state_dict(model).items()}
     plain.load_state_dict(state)
     return plain.to(device)
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether `model` carries LoRA adapters."""
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def plain_model(model: Transformer) -> Transformer:
+    """`model` itself, or a merged copy on the CPU if it carries adapters: what a checkpoint holds."""
+    return merged_copy(model) if has_lora(model) else model
+
+
+def check_resume_rank(out, meta: dict, key: str, rank: int) -> None:
+    """Refuse to resume a run whose checkpoint meta records another `<key>_rank`: its adapters would not fit."""
+    saved = meta.get(f"{key}_rank", 0)
+    if saved != rank:
+        raise LmforgeError(f"{out}: cannot resume: config key '{key}.rank' differs (checkpoint {saved})")

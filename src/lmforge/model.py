@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from lmforge.errors import LmforgeError
 
@@ -29,28 +30,64 @@ class ModelConfig:
     intermediate_size: int = 0          # 0 -> SwiGLU default, about 8/3 * hidden rounded up to 64
     max_position_embeddings: int = 256
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None    # None, {"rope_type": "linear", "factor"} or Llama 3's {"rope_type": "llama3", ...}
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    head_dim: int = 0                   # 0 -> hidden_size // num_attention_heads (some models set it apart)
+    qkv_bias: bool = False              # Qwen2: biases on q/k/v projections
+    o_proj_bias: bool = False           # Llama's attention_bias=True: biases on q/k/v and o
+    mlp_bias: bool = False
     is_causal: bool = True              # False: bidirectional encoder (BERT-style MLM, encoder reward model)
     dropout: float = 0.0
     init_std: float = 0.02
 
     def validate(self) -> None:
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim == 0 and self.hidden_size % self.num_attention_heads:
             raise LmforgeError("config key 'model.hidden_size' must be divisible by model.num_attention_heads")
         if self.num_attention_heads % self.num_key_value_heads:
             raise LmforgeError("config key 'model.num_key_value_heads' must divide model.num_attention_heads")
-        if (self.hidden_size // self.num_attention_heads) % 2:
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
             raise LmforgeError("config key 'model.hidden_size': head dim must be even for rotary embeddings")
         for k in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
             if getattr(self, k) <= 0:
                 raise LmforgeError(f"config key 'model.{k}' must be positive")
         if self.intermediate_size == 0:
             self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        rope_inv_freq(self)  # an unsupported rope_scaling fails here, naming the key
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies theta^(-2i/d), rescaled as `rope_scaling` asks.
+
+    "linear" divides every frequency by `factor` (position interpolation, Chen et al. 2023). "llama3" (Llama 3.1)
+    leaves high frequencies alone, divides low ones (wavelength > original_max / low_freq_factor) by `factor`
+    and blends smoothly in between. Other types (dynamic NTK, YaRN, LongRoPE) change attention too and are refused.
+    """
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    sc = cfg.rope_scaling
+    kind = (sc or {}).get("rope_type", (sc or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    try:
+        factor = float(sc["factor"])
+        if kind == "linear":
+            return inv_freq / factor
+        if kind == "llama3":
+            low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+            old_ctx = float(sc["original_max_position_embeddings"])
+            wavelen = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            blended = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+            return torch.where(medium, blended, scaled)
+    except (KeyError, TypeError, ValueError) as e:
+        raise LmforgeError(f"config key 'model.rope_scaling': {kind} scaling needs {e}") from None
+    raise LmforgeError(f"config key 'model.rope_scaling': rope type {kind!r} is not supported "
+                       "(supported: default, linear, llama3)")
 
 
 class RMSNorm(nn.Module):
@@ -66,10 +103,9 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape (B, 1, T, head_dim) for the given positions (HF Llama's half-split layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
-    freqs = position_ids.float()[..., None] * inv_freq          # (B, T, hd/2)
+    freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)   # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]           # (B, 1, T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -108,10 +144,11 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, nh * hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=False)
-        self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
+        qkv_bias = cfg.qkv_bias or cfg.o_proj_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, nh * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=cfg.o_proj_bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
@@ -138,9 +175,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -217,13 +254,17 @@ class Transformer(nn.Module):
             if cfg.tie_word_embeddings:
                 self.lm_head.weight = self.model.embed_tokens.weight
         if head in ("scalar", "both"):
-            self.score = nn.Linear(cfg.hidden_size, 1, bias=True)
+            # No bias, as in transformers' *ForSequenceClassification, OpenRLHF and DeepSpeed-Chat: a pairwise
+            # loss cannot see it, and the exported reward model then scores exactly as lmforge does.
+            self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2L)
             if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
                 nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.num_hidden_layers))
         if head in ("scalar", "both"):
             self.init_scalar_head()
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False  # True: recompute each block's activations in backward (less memory)
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -232,9 +273,8 @@ class Transformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def init_scalar_head(self) -> None:
-        """Reward/value head init N(0, 1/sqrt(d_model + 1)), bias 0 (as in the N+ implementation details)."""
+        """Reward/value head init N(0, 1/sqrt(d_model + 1)) (as in the N+ implementation details)."""
         nn.init.normal_(self.score.weight, 0.0, 1.0 / math.sqrt(self.config.hidden_size + 1))
-        nn.init.zeros_(self.score.bias)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -260,10 +300,14 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq, x.dtype)
         mask = build_attention_mask(attention_mask, T, past, self.config.is_causal, segment_ids, input_ids.device)
+        recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
+            if recompute:  # keep only block inputs; activations inside are recomputed in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)

@@ -41,7 +41,7 @@ class PtxSource:
             if str(path).endswith(".jsonl"):
                 for lineno, rec in read_records(path):
                     if isinstance(rec, dict) and isinstance(rec.get("text"), str):
-                        stream += [tok.special.bos] + tok.encode(rec["text"]) + [tok.special.eos]
+                        stream += tok.document_ids(rec["text"])
                         continue
                     try:
                         stream += render(tok, record_to_messages(rec))[0]
@@ -49,7 +49,7 @@ class PtxSource:
                         raise LmforgeError(f"{where(path, lineno)}: {e}") from None
             else:
                 for doc in iter_documents([path]):
-                    stream += [tok.special.bos] + tok.encode(doc) + [tok.special.eos]
+                    stream += tok.document_ids(doc)
         if len(stream) < seq_len:
             raise LmforgeError(f"{', '.join(map(str, paths))}: only {len(stream)} pretraining tokens, "
                                f"fewer than ptx.seq_len={seq_len}")

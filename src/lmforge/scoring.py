@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.chat import render, render_encoder_pair
+from lmforge.chat import render_completion, render_encoder_pair
 from lmforge.checkpoint import load_model
 from lmforge.errors import LmforgeError
 from lmforge.generation import left_pad
@@ -23,11 +23,11 @@ from lmforge.training import autocast
 
 
 def render_example(tok, prompt: list[dict], response: str, encoder: bool = False) -> list[int]:
-    """Token ids the RM scores: the SFT chat template ending with the response's <|end|> (decoder), or the seed's
-    `[BOS] prompt [SEP] candidate [EOS]` (encoder). Training and every consumer render through here."""
+    """Token ids the RM scores: the SFT chat template ending with the response's end-of-turn token (decoder), or
+    the seed's `[BOS] prompt [SEP] candidate [EOS]` (encoder). Training and every consumer render through here."""
     if encoder:
         return render_encoder_pair(tok, "\n".join(m["content"] for m in prompt), response)
-    return render(tok, prompt + [{"role": "assistant", "content": response}])[0]
+    return render_completion(tok, prompt, response)
 
 
 def pool_scores(values: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last") -> torch.Tensor:

@@ -1,7 +1,12 @@
-"""Byte-level BPE tokenizer (Hugging Face `tokenizers`) with lmforge's special tokens, and corpus readers.
+"""Tokenizers (Hugging Face `tokenizers`): lmforge's own byte-level BPE, or a pretrained model's, and corpus readers.
 
 Byte-level BPE starts from the 256 byte values, so any UTF-8 text (English, Chinese, emoji, runs of
 whitespace) round-trips losslessly: decode(encode(text)) == text.
+
+A tokenizer directory holds tokenizer.json and tokenizer_config.json, in Hugging Face's layout: the special
+tokens (bos, eos, pad) and the Jinja `chat_template` live in the config, so transformers' AutoTokenizer loads
+the directory and a pretrained model's tokenizer loads here unchanged. A directory with tokenizer.json alone is
+an lmforge tokenizer from before the config existed, and gets lmforge's template.
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ SEP, MASK = "<|sep|>", "<|mask|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END, SEP, MASK]
 BYTE_ALPHABET_SIZE = 256
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE = "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"
+# lmforge's chat template in Jinja (what transformers' apply_chat_template runs):
+#   <|bos|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|>
+LMFORGE_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                         "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -77,34 +87,85 @@ def iter_documents(paths: list[str | Path]) -> Iterator[str]:
 
 @dataclass
 class SpecialIds:
+    """Special-token ids. `end` closes a chat turn (lmforge <|end|>, ChatML <|im_end|>, Llama 3 <|eot_id|>) and
+    is where generation stops and the reward is read. `pad` only fills padded positions (masks are always
+    explicit), so a tokenizer without a PAD token pads with EOS and nothing is resized. Role, SEP and MASK
+    tokens exist in lmforge's own tokenizer only (the encoder layout and masked LM need them)."""
     pad: int
-    bos: int
+    bos: int | None
     eos: int
-    system: int
-    user: int
-    assistant: int
     end: int
-    sep: int
-    mask: int
+    system: int | None = None
+    user: int | None = None
+    assistant: int | None = None
+    sep: int | None = None
+    mask: int | None = None
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def lmforge_tokenizer_config() -> dict:
+    """tokenizer_config.json of an lmforge tokenizer (the fields transformers reads)."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+            "mask_token": MASK, "sep_token": SEP, "chat_template": LMFORGE_CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000}
 
 
 class Tokenizer:
-    """Thin wrapper over `tokenizers.Tokenizer` that knows lmforge's special-token ids."""
+    """A `tokenizers.Tokenizer` plus its special-token ids and chat template (see the module docstring)."""
 
-    def __init__(self, hf_tokenizer):
+    def __init__(self, hf_tokenizer, config: dict | None = None, source: str = "tokenizer"):
         self.hf = hf_tokenizer
-        ids = {}
-        for tok, field in zip(SPECIAL_TOKENS, ["pad", "bos", "eos", "system", "user", "assistant", "end", "sep", "mask"]):
-            tid = hf_tokenizer.token_to_id(tok)
-            if tid is None:
-                raise LmforgeError(f"tokenizer lacks the special token {tok}")
-            ids[field] = tid
-        self.special = SpecialIds(**ids)
+        self.config = dict(config) if config is not None else lmforge_tokenizer_config()
+        self.chat_template = self.config.get("chat_template")
+        if isinstance(self.chat_template, list):  # several named templates: use "default"
+            named = {t.get("name"): t.get("template") for t in self.chat_template if isinstance(t, dict)}
+            self.chat_template = named.get("default")
+        if not isinstance(self.chat_template, str) or not self.chat_template.strip():
+            raise LmforgeError(f"{source}: tokenizer has no chat template (tokenizer_config.json 'chat_template' "
+                               "or chat_template.jinja)")
         self.vocab_size = hf_tokenizer.get_vocab_size()
+        self.is_lmforge = all(hf_tokenizer.token_to_id(t) is not None for t in SPECIAL_TOKENS)
+
+        def tid(key: str) -> int | None:
+            text = _token_text(self.config.get(key))
+            if text is None:
+                return None
+            i = hf_tokenizer.token_to_id(text)
+            if i is None:
+                raise LmforgeError(f"{source}: {key} {text!r} is not in the vocabulary")
+            return i
+
+        eos = tid("eos_token")
+        if eos is None:
+            raise LmforgeError(f"{source}: tokenizer_config.json names no eos_token")
+        if self.is_lmforge:
+            ids = dict(zip(["pad", "bos", "eos", "system", "user", "assistant", "end", "sep", "mask"],
+                           (hf_tokenizer.token_to_id(t) for t in SPECIAL_TOKENS)))
+            self.special = SpecialIds(**ids)
+        else:
+            pad = tid("pad_token")
+            self.special = SpecialIds(pad=eos if pad is None else pad, bos=tid("bos_token"), eos=eos, end=eos)
+            from lmforge.chat import end_of_turn_token  # the template decides which token closes a turn
+
+            end = end_of_turn_token(self)
+            self.special.end = eos if end is None else end
+        self.special_ids = {i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special}
+        self.special_ids |= {self.special.eos, self.special.end}
+
+    def token_text(self, key: str) -> str | None:
+        """The text of special token `key` ('bos_token', 'eos_token', ...), as the chat template sees it."""
+        return _token_text(self.config.get(key))
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        """Load DIR/tokenizer.json (or the file itself)."""
+        """Load a tokenizer directory (tokenizer.json + tokenizer_config.json [+ chat_template.jinja]), or a
+        tokenizer.json file of lmforge's own."""
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
@@ -112,13 +173,46 @@ class Tokenizer:
         if not file.is_file():
             raise LmforgeError(f"{file}: tokenizer not found")
         try:
-            return cls(HFTokenizer.from_file(str(file)))
+            hf = HFTokenizer.from_file(str(file))
         except Exception as e:  # the library raises plain Exceptions on malformed files
             raise LmforgeError(f"{file}: cannot load tokenizer ({e})") from None
+        config_file, template_file = file.parent / TOKENIZER_CONFIG_FILE, file.parent / CHAT_TEMPLATE_FILE
+        config = None
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise LmforgeError(f"{config_file}: invalid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise LmforgeError(f"{config_file}: expected a JSON object")
+        elif not all(hf.token_to_id(t) is not None for t in SPECIAL_TOKENS):
+            raise LmforgeError(f"{config_file}: not found (a tokenizer other than lmforge's needs it for its "
+                               "special tokens and chat template)")
+        if template_file.is_file():  # transformers >= 4.43 may keep the template in its own file
+            config = {**(config or lmforge_tokenizer_config()),
+                      "chat_template": template_file.read_text(encoding="utf-8")}
+        return cls(hf, config, source=str(file.parent))
 
     def save(self, directory: str | Path) -> None:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(Path(directory) / TOKENIZER_FILE))
+        """Write tokenizer.json and tokenizer_config.json (with the chat template) into `directory`."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(d / TOKENIZER_FILE))
+        keep = ("tokenizer_class", "bos_token", "eos_token", "pad_token", "unk_token", "mask_token", "sep_token",
+                "additional_special_tokens", "clean_up_tokenization_spaces", "model_max_length",
+                "add_bos_token", "add_eos_token", "add_prefix_space", "padding_side")
+        config = {k: v for k, v in self.config.items() if k in keep}
+        if config.get("tokenizer_class") not in ("PreTrainedTokenizerFast", None):
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"  # tokenizer.json is all a fast tokenizer needs
+        if self.config.get("pad_token") is None:  # the pad we use, written down so transformers pads alike
+            config["pad_token"] = self.hf.id_to_token(self.special.pad)
+        config["chat_template"] = self.chat_template
+        (d / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+    def document_ids(self, text: str) -> list[int]:
+        """A pretraining document: [BOS] text [EOS] (no BOS where the tokenizer has none, as Qwen2)."""
+        bos = [] if self.special.bos is None else [self.special.bos]
+        return bos + self.encode(text) + [self.special.eos]
 
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text; special-token strings inside user text are NOT turned into specials."""
@@ -134,14 +228,18 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token stands for (for streaming decode without splitting UTF-8 characters)."""
         tok = self.hf.id_to_token(token_id)
-        if tok in SPECIAL_TOKENS:
+        if tok is None or token_id in self.special_ids:
             return b""
         table = _byte_decoder()
-        return bytes(table[c] for c in tok)
+        if all(c in table for c in tok):  # byte-level BPE (GPT-2, Llama 3, SmolLM, Qwen2, lmforge)
+            return bytes(table[c] for c in tok)
+        if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):  # SentencePiece byte fallback
+            return bytes([int(tok[3:5], 16)])
+        return tok.replace("\u2581", " ").encode("utf-8")  # SentencePiece word marker
 
     def fingerprint(self) -> str:
-        """Hash of the tokenizer definition: stages refuse to mix models of different tokenizers."""
-        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+        """Hash of the tokenizer definition and chat template: stages refuse to mix models of different ones."""
+        return hashlib.sha256((self.hf.to_str() + (self.chat_template or "")).encode()).hexdigest()[:16]
 
 
 _BYTE_DECODER: dict[str, int] | None = None
@@ -192,9 +290,9 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out_dir: str | Pa
     hf.train_from_iterator(iter_documents(inputs), trainer=trainer)
     tok = Tokenizer(hf)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (TOKENIZER_FILE + ".tmp")
-        hf.save(str(tmp))
-        tmp.replace(out / TOKENIZER_FILE)
+        tmp = Path(out_dir) / ".tokenizer.tmp"
+        tok.save(tmp)
+        for name in (TOKENIZER_CONFIG_FILE, TOKENIZER_FILE):  # tokenizer.json last: its presence means done
+            (tmp / name).replace(Path(out_dir) / name)
+        tmp.rmdir()
     return tok

@@ -132,13 +132,12 @@ def test_evaluate_checks_inputs_before_generating(policies, prompts_file, tmp_pa
 
 
 def test_rm_score_is_the_mean_normalised_reward(policies, prompts_file, tmp_path, tok):
-    """A reward model whose head ignores the input (weight 0, bias 3) scores every response (3 - 1) / 0.5 = 4."""
+    """A reward model whose head ignores the input (weight 0) scores every response (0 - 1) / 0.5 = -2."""
     torch.manual_seed(0)
     rm = Transformer(tiny_config(vocab_size=tok.vocab_size), head="scalar")
     with torch.no_grad():
         rm.score.weight.zero_()
-        rm.score.bias.fill_(3.0)
     save_checkpoint(tmp_path / "rm", rm, tok, meta={"stage": "rm", "reward_mean": 1.0, "reward_std": 0.5})
     res = _eval({"sft": policies["sft"], "ppo": policies["other"]}, prompts_file, reward_model=str(tmp_path / "rm"),
                 max_new_tokens=6)
-    assert [r["rm_score"] for r in res["policies"].values()] == [pytest.approx(4.0, abs=1e-5)] * 2
+    assert [r["rm_score"] for r in res["policies"].values()] == [pytest.approx(-2.0, abs=1e-5)] * 2

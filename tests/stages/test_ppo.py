@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from lmforge.chat import render, stop_ids
-from lmforge.checkpoint import load_model, save_checkpoint
+from lmforge.checkpoint import load_model, load_training_state, read_config, save_checkpoint
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.errors import LmforgeError
 from lmforge.losses import lm_loss
 from lmforge.generation import SamplingParams, generate
+from lmforge.lora import LoraConfig, LoRALinear, apply_lora, load_trainable_state_dict, plain_model
 from lmforge.model import Transformer
 from lmforge.stages.ppo import PPOConfig, PtxSource, build_trainer, prompt_indices, run_ppo
 from lmforge.scoring import normalize
@@ -341,6 +342,127 @@ def test_ema_of_policy_weights(ck, tok, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
     for e, a, b in zip(trainer.ema.parameters(), after, before):
         assert torch.allclose(e, 0.9 * b + 0.1 * a, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+LORA = {"actor_lora": {"rank": 2, "targets": ["all-linear"]}, "critic_lora": {"rank": 2, "alpha": 4.0}}
+
+
+def _optimized(opt):
+    return {id(p) for g in opt.param_groups for p in g["params"]}
+
+
+def test_lora_trains_only_adapters_and_the_value_head(ck, tok, tmp_path):
+    trainer = build_trainer(_cfg(ck, tmp_path, **LORA, minibatch_size=8, micro_batch_size=4,
+                                 actor_optim={"lr": 1e-2, "eps": 1e-5, "warmup_steps": 0}), tok)
+    actor_trainable = {n for n, p in trainer.actor.named_parameters() if p.requires_grad}
+    critic_trainable = {n for n, p in trainer.critic.named_parameters() if p.requires_grad}
+    assert actor_trainable and all(n.endswith(("lora_A", "lora_B")) for n in actor_trainable)
+    assert len(actor_trainable) == 2 * 2 * 7  # 2 layers x all 7 linear layers x (A, B)
+    assert critic_trainable == {f"model.layers.{i}.self_attn.{n}.lora_{m}" for i in range(2)
+                                for n in ("q_proj", "v_proj") for m in "AB"} | {"score.weight"}
+    for model, opt in ((trainer.actor, trainer.actor_opt), (trainer.critic, trainer.critic_opt)):
+        assert _optimized(opt) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not any(isinstance(m, LoRALinear) for m in trainer.ref.modules())  # the reference is the SFT model
+    exp, _, stats = trainer.make_experience(_prompts(ck, tok), torch.Generator().manual_seed(8))
+    assert stats["kl"] == 0.0 and torch.equal(exp.logprobs, exp.ref_logprobs)  # B = 0: starts at the SFT model
+    trainer.minibatch_backward(exp, torch.arange(8))
+    for model, trainable in ((trainer.actor, actor_trainable), (trainer.critic, critic_trainable)):
+        assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
+    ref_before = {k: v.clone() for k, v in trainer.ref.state_dict().items()}
+    trainer.optimizer_step()
+    assert all(torch.equal(v, trainer.ref.state_dict()[k]) for k, v in ref_before.items())
+    ids = exp.input_ids[:3]
+    mask = exp.attention_mask[:3]
+    with torch.no_grad():
+        for model in (trainer.actor, trainer.critic):
+            torch.testing.assert_close(plain_model(model)(ids, attention_mask=mask), model(ids, attention_mask=mask),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_lora_ema_averages_the_merged_weights(ck, tok, tmp_path):
+    trainer = build_trainer(_cfg(ck, tmp_path, **LORA, ema_decay=0.9, minibatch_size=8, micro_batch_size=4,
+                                 actor_optim={"lr": 1e-2, "eps": 1e-5, "warmup_steps": 0}), tok)
+    exp, _, _ = trainer.make_experience(_prompts(ck, tok), torch.Generator().manual_seed(6))
+    before = plain_model(trainer.actor).state_dict()
+    assert not any(isinstance(m, LoRALinear) for m in trainer.ema.modules())
+    assert all(torch.equal(v, trainer.ema.state_dict()[k]) for k, v in before.items())
+    for _ in range(2):
+        trainer.minibatch_backward(exp, torch.arange(8))
+        trainer.optimizer_step()
+        after = plain_model(trainer.actor).state_dict()
+        expected = {k: 0.9 * before[k] + 0.1 * after[k] for k in before}
+        for k, v in trainer.ema.state_dict().items():
+            torch.testing.assert_close(v, expected[k], atol=1e-6, rtol=1e-5)
+        before = expected
+    assert any(not torch.equal(trainer.ema.state_dict()[k], plain_model(trainer.actor).state_dict()[k])
+               for k in before)
+
+
+def test_lora_resume_reproduces_the_uninterrupted_run_bit_for_bit(ck, tok, tmp_path):
+    optim = {"lr": 1e-2, "eps": 1e-5, "warmup_steps": 0, "schedule": "constant"}  # as if stopped after 2 of 4
+    common = dict(**LORA, ema_decay=0.5, batch_size=4, minibatch_size=2, micro_batch_size=1, max_new_tokens=6,
+                  gradient_checkpointing=True, actor_optim=optim, critic_optim=dict(optim))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_ppo(_cfg(ck, tmp_path, out=str(straight), iterations=4, save_every=2, **common), progress=False)
+    run_ppo(_cfg(ck, tmp_path, out=str(resumed), iterations=2, **common), progress=False)
+    state = load_training_state(resumed)
+    assert {"actor_trainable", "critic_trainable"} <= state.keys() and not {"actor", "critic"} & state.keys()
+    with pytest.raises(LmforgeError, match="cannot resume: config key 'critic_lora.rank' differs"):
+        run_ppo(_cfg(ck, tmp_path, out=str(resumed), iterations=4, **{**common, "critic_lora": {"rank": 4}}),
+                resume=True, progress=False)
+    run_ppo(_cfg(ck, tmp_path, out=str(resumed), iterations=4, **common), resume=True, progress=False)
+    for sub, head in (("", "lm"), ("critic", "scalar")):
+        a, _ = _weights(straight / sub, head)
+        b, _ = _weights(resumed / sub, head)
+        assert not any("lora" in k or ".base." in k for k in a)  # plain checkpoints
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    assert read_config(straight)["lmforge"]["actor_lora_rank"] == 2
+    sft, policy = _weights(ck.sft)[0], _weights(straight)[0]
+    changed = {k for k in sft if not torch.equal(sft[k], policy[k])}  # the adapted layers only: all linear ones
+    assert changed == {f"model.layers.{i}.{n}.weight" for i in range(2) for n in
+                       ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    # the in-training models, rebuilt from the training state, are what the critic checkpoint holds
+    state = load_training_state(straight)
+    critic = load_model(ck.rm, head="scalar")[0]
+    apply_lora(critic, LoraConfig(**LORA["critic_lora"]), keep_trainable=("score.",))
+    load_trainable_state_dict(critic, state["critic_trainable"])
+    saved = load_model(straight / "critic")[0]
+    ids = torch.tensor([[1, 5, 9, 33, 40, 6], [1, 7, 6, 8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(saved.eval()(ids), critic.eval()(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_and_checkpointing_config_keys(ck, tok, tmp_path):
+    with pytest.raises(LmforgeError, match="config key 'actor_lora.dropout' must be 0"):
+        _cfg(ck, tmp_path, actor_lora={"rank": 2, "dropout": 0.1})
+    with pytest.raises(LmforgeError, match="config key 'critic_lora.targets' names an unknown layer"):
+        _cfg(ck, tmp_path, critic_lora={"rank": 2, "targets": ["qkv"]})
+    trainer = build_trainer(_cfg(ck, tmp_path, gradient_checkpointing=True), tok)
+    assert trainer.actor.gradient_checkpointing and trainer.critic.gradient_checkpointing
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(ck, tok, tmp_path):
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)  # the same random adapter matrices A in both
+        trainer = build_trainer(_cfg(ck, tmp_path, **LORA, gradient_checkpointing=flag), tok)
+        exp, _, _ = trainer.make_experience(_prompts(ck, tok), torch.Generator().manual_seed(9))
+        calls = []
+        for model in (trainer.actor, trainer.critic):
+            model.train()  # as in `update`
+            model.model.layers[0].register_forward_pre_hook(lambda *_, c=calls: c.append(1))
+        stats = trainer.minibatch_backward(exp, torch.arange(8))
+        assert len(calls) == 2 * 4 * (2 if flag else 1)  # actor and critic, 4 micro-batches, recomputed or not
+        grads.append((stats, _grads(trainer.actor) + _grads(trainer.critic)))
+    (stats_off, off), (stats_on, on) = grads
+    assert stats_on["pg_loss"] == pytest.approx(stats_off["pg_loss"], rel=1e-6, abs=1e-9)
+    assert stats_on["vf_loss"] == pytest.approx(stats_off["vf_loss"], rel=1e-6)
+    assert any(g.abs().sum() > 0 for g in off)
+    for a, b in zip(on, off):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- learning

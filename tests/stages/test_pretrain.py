@@ -231,6 +231,27 @@ def test_input_errors_before_any_output(tok, data_dir, tmp_path):
     assert not out.exists()
 
 
+def test_gradient_checkpointing_gives_the_same_training(data_dir, tmp_path):
+    """The config key reaches the model (blocks run twice per step) and changes memory only, not the losses."""
+    from lmforge.model import Block
+
+    calls = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, _: calls.append(1) if isinstance(m, Block) else None)
+    try:
+        losses = {}
+        for flag in (False, True):
+            calls.clear()
+            run_pretrain(_cfg(data_dir, tmp_path / str(flag), gradient_checkpointing=flag,
+                              optim=dict(max_steps=3)), progress=False)
+            losses[flag] = [r["loss"] for r in read_metrics(tmp_path / str(flag)) if "loss" in r]
+            losses[f"calls {flag}"] = len(calls)
+    finally:
+        hook.remove()
+    assert len(losses[False]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert losses["calls True"] - losses["calls False"] == 3 * 2  # 3 steps x 2 blocks recomputed in backward
+
+
 def test_incompatible_resume_names_what_differs(data_dir, tmp_path):
     out = tmp_path / "o"
     run_pretrain(_cfg(data_dir, out, optim=dict(max_steps=2)), progress=False)

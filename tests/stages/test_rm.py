@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.checkpoint import read_config, save_checkpoint
+from lmforge.checkpoint import load_model, load_training_state, read_config, save_checkpoint
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
 from lmforge.generation import left_pad
+from lmforge.lora import LoraConfig, apply_lora, load_trainable_state_dict
 from lmforge.model import Transformer
 from lmforge.preferences import Example, comparison_pairs, parse_record, split_by_prompt
 from lmforge.records import read_records
@@ -280,6 +281,67 @@ def test_cli_trains_with_the_tiny_yaml(tok, tmp_path, capsys):
     assert main(["rm", "--config", str(yaml), f"init={init}", f"data={data}", f"out={out}", "device=cpu"]) == 0
     assert "reward model: heldout_accuracy" in capsys.readouterr().out
     assert read_config(out)["lmforge"]["stage"] == "rm"
+
+
+# ------------------------------------------------------------------------------------------- LoRA and resume
+
+
+def test_lora_trains_adapters_and_score_head_only_and_saves_a_merged_model(tok, tmp_path):
+    init = _init(tmp_path / "sft", tok)
+    lora = LoraConfig(rank=2, alpha=4.0, targets=["q_proj", "v_proj"])
+    cfg = _cfg(init, _write(tmp_path / "ranked.jsonl", _ranked(48, seed=6)), tmp_path / "rm", lora=lora, stop_step=3,
+               gradient_checkpointing=True)
+    assert run_rm(cfg)["stopped_at"] == 3  # 36 training prompts / 8 = 5 steps; the checkpoint at 3 resumes
+    state = load_training_state(cfg.out)
+    adapters = {f"model.layers.{i}.self_attn.{n}.lora_{m}" for i in range(2) for n in ("q_proj", "v_proj")
+                for m in "AB"}
+    assert set(state["trainable"]) == adapters | {"score.weight"}
+    assert sum(len(g["params"]) for g in state["optimizer"]["param_groups"]) == len(adapters) + 1
+    torch.manual_seed(cfg.seed)  # what run_rm built: the SFT backbone with a fresh score head
+    fresh = load_model(init, head="scalar")[0]
+    assert not torch.equal(state["trainable"]["score.weight"], fresh.score.weight)  # the new head trained
+    # The checkpoint is a plain model: only the adapted layers moved, by exactly the merged update.
+    plain, _, meta = load_model(cfg.out)
+    assert meta["lora_rank"] == 2 and plain.head == "scalar"
+    assert not any("lora" in k or ".base." in k for k in plain.state_dict())
+    before, after = fresh.state_dict(), plain.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    adapted = {f"model.layers.{i}.self_attn.{n}.weight" for i in range(2) for n in ("q_proj", "v_proj")}
+    assert changed == adapted | {"score.weight"}
+    apply_lora(fresh, lora, keep_trainable=("score.",))  # the in-training model, rebuilt from the training state
+    load_trainable_state_dict(fresh, state["trainable"])
+    ids, mask = left_pad([[1, 5, 9, 33, 40, 6], [1, 7, 6]], pad_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(raw_scores(plain.eval(), ids, mask), raw_scores(fresh.eval(), ids, mask),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_resume_reproduces_the_uninterrupted_run(tok, tmp_path, rank):
+    init = _init(tmp_path / "sft", tok)
+    data = _write(tmp_path / "ranked.jsonl", _ranked(48, seed=7))
+    kw = {"lora": LoraConfig(rank=rank, targets=["all-linear"]), "epochs": 2.0, "save_every": 2, "log_every": 1}
+    full = run_rm(_cfg(init, data, tmp_path / "full", **kw))
+    assert run_rm(_cfg(init, data, tmp_path / "half", stop_step=3, **kw))["stopped_at"] == 3
+    with pytest.raises(LmforgeError, match="cannot resume: config key 'lora.rank' differs"):
+        run_rm(_cfg(init, data, tmp_path / "half", **{**kw, "lora": LoraConfig(rank=rank + 1)}), resume=True)
+    resumed = run_rm(_cfg(init, data, tmp_path / "half", **kw), resume=True)
+    assert full["steps"] == resumed["steps"] == 9
+    assert {k: v for k, v in full.items() if k != "seconds"} == {k: v for k, v in resumed.items() if k != "seconds"}
+    losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "full") == losses(tmp_path / "half") and len(losses(tmp_path / "full")) == 9
+    a, b = load_model(tmp_path / "full")[0].state_dict(), load_model(tmp_path / "half")[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_config(tmp_path / "half")["lmforge"]["lora_rank"] == rank
+
+
+def test_lora_config_errors_name_the_key(tok, tmp_path):
+    init, data = _init(tmp_path / "sft", tok), _write(tmp_path / "r.jsonl", _ranked(8))
+    with pytest.raises(LmforgeError, match="config key 'lora.dropout' must be 0"):
+        run_rm(_cfg(init, data, tmp_path / "rm", lora=LoraConfig(rank=2, dropout=0.1)))
+    with pytest.raises(LmforgeError, match="config key 'lora.targets' names an unknown layer 'qkv'"):
+        run_rm(_cfg(init, data, tmp_path / "rm", lora=LoraConfig(rank=2, targets=["qkv"])))
+    assert not (tmp_path / "rm").exists()
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -39,6 +39,8 @@ from lmforge.losses import lm_loss
 from lmforge.rundir import RunDir
 from lmforge.stage import Stage, StageContext
 from lmforge.generation import SamplingParams
+from lmforge.lora import (LoraConfig, apply_lora, check_resume_rank, load_trainable_state_dict, merged_copy,
+                          merged_state_dict, plain_model, trainable_state_dict)
 from lmforge.model import Transformer
 from lmforge.scoring import RewardScorer, disable_dropout
 from lmforge.rl_utils import (
@@ -125,8 +127,13 @@ class PPOConfig:
     entropy_coef: float = 0.0
     log_ratio_clip: float = 20.0         # clamp of log(pi/pi_old) so exp() never overflows
     ema_decay: float = 0.0               # > 0: the saved policy is an EMA of the weights (InstructGPT 0.992)
+    gradient_checkpointing: bool = False # actor and critic recompute block activations in backward: less memory
     actor_optim: OptimConfig = field(default_factory=_ppo_optim)
     critic_optim: OptimConfig = field(default_factory=_ppo_optim)
+    # rank > 0: the actor trains adapters only (the reference stays the SFT model); the critic trains adapters
+    # and its value head. Checkpoints hold the merged weights.
+    actor_lora: LoraConfig = field(default_factory=LoraConfig)
+    critic_lora: LoraConfig = field(default_factory=LoraConfig)
     ptx: PtxConfig = field(default_factory=PtxConfig)
     # run
     seed: int = 0
@@ -159,6 +166,11 @@ class PPOConfig:
         need(self.ptx.batch_size > 0 and self.ptx.seq_len > 1, "ptx.batch_size", "and ptx.seq_len must be positive")
         need(bool(self.sft_model), "sft_model", "is required (the SFT checkpoint directory)")
         need(bool(self.prompts), "prompts", "is required (a JSONL file of prompts)")
+        for key in ("actor_lora", "critic_lora"):
+            lora = getattr(self, key)
+            lora.validate_as(key)
+            # PPO turns every dropout off (the same function at rollout and update time): say so, not ignore it
+            need(not (lora.rank and lora.dropout), f"{key}.dropout", "must be 0: PPO trains with dropout off")
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -182,6 +194,7 @@ class PPOTrainer:
         self.device = torch.device(device)
         for model in (actor, ref, critic):  # the same function at rollout and update time (N details)
             disable_dropout(model)
+        actor.gradient_checkpointing = critic.gradient_checkpointing = cfg.gradient_checkpointing
         self.actor, self.critic, self.ref = actor, critic, ref.eval().requires_grad_(False)
         self.actor_opt = build_optimizer(actor, cfg.actor_optim)
         self.critic_opt = build_optimizer(critic, cfg.critic_optim)
@@ -190,7 +203,10 @@ class PPOTrainer:
         self.actor_sched = dataclasses.replace(cfg.actor_optim, max_steps=total)
         self.critic_sched = dataclasses.replace(cfg.critic_optim, max_steps=total)
         self.kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        self.ema = copy.deepcopy(actor).requires_grad_(False) if cfg.ema_decay > 0 else None
+        self.ema = None
+        if cfg.ema_decay > 0:  # of the plain (merged) policy weights: what the checkpoint holds
+            self.ema = merged_copy(actor, self.device) if cfg.actor_lora.rank else copy.deepcopy(actor)
+            self.ema.requires_grad_(False)
         self.update_step = 0
         self.sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
 
@@ -319,8 +335,10 @@ class PPOTrainer:
         self.update_step += 1
         if self.ema is not None:
             with torch.no_grad():
-                for pe, p in zip(self.ema.parameters(), self.actor.parameters()):
-                    pe.lerp_(p, 1.0 - self.cfg.ema_decay)
+                lora = self.cfg.actor_lora.rank
+                new = merged_state_dict(self.actor) if lora else dict(self.actor.named_parameters())
+                for name, pe in self.ema.named_parameters():
+                    pe.lerp_(new[name], 1.0 - self.cfg.ema_decay)
         return out
 
     def update(self, exp: Experience, generator: torch.Generator) -> dict:
@@ -364,23 +382,35 @@ class PPOTrainer:
     # -- resume -------------------------------------------------------------------------------------------
 
     def state_dict(self, iteration: int) -> dict:
+        """What resume needs beyond the policy checkpoint. With LoRA the checkpoints are merged, so the
+        trainable tensors (adapters, value head) are kept here and the frozen bases come from the inits."""
         state = {"iteration": iteration, "update_step": self.update_step, "beta": self.kl_ctl.value,
                  "actor_optimizer": self.actor_opt.state_dict(), "critic_optimizer": self.critic_opt.state_dict(),
-                 "critic": self.critic.state_dict(), "rng": rng_state()}
-        if self.ema is not None:  # the checkpoint's weights are the EMA; keep the raw policy here
+                 "rng": rng_state(), "ema": self.ema is not None}
+        if self.cfg.critic_lora.rank:
+            state["critic_trainable"] = trainable_state_dict(self.critic)
+        else:
+            state["critic"] = self.critic.state_dict()
+        if self.cfg.actor_lora.rank:
+            state["actor_trainable"] = trainable_state_dict(self.actor)
+        elif self.ema is not None:  # the checkpoint's weights are the EMA; keep the raw policy here
             state["actor"] = self.actor.state_dict()
         return state
 
     def load_state_dict(self, state: dict, policy_weights: dict) -> int:
         """Restore from `state` and the checkpoint's policy weights; returns the iteration to continue from."""
         if self.ema is not None:
-            if "actor" not in state:
+            if not state.get("ema", "actor" in state):
                 raise LmforgeError("cannot resume with ema_decay > 0: the checkpoint was saved without EMA")
             self.ema.load_state_dict(policy_weights)
-            self.actor.load_state_dict(state["actor"])
+        if self.cfg.actor_lora.rank:
+            load_trainable_state_dict(self.actor, state["actor_trainable"])
         else:
             self.actor.load_state_dict(state["actor"] if "actor" in state else policy_weights)
-        self.critic.load_state_dict(state["critic"])
+        if self.cfg.critic_lora.rank:
+            load_trainable_state_dict(self.critic, state["critic_trainable"])
+        else:
+            self.critic.load_state_dict(state["critic"])
         self.actor_opt.load_state_dict(state["actor_optimizer"])
         self.critic_opt.load_state_dict(state["critic_optimizer"])
         self.kl_ctl.value = float(state["beta"])
@@ -432,9 +462,13 @@ def build_trainer(cfg: PPOConfig, tok: Tokenizer, device: torch.device | str = "
     (or SFT, with a fresh value head), and the reward model, unless `reward_fn` replaces it."""
     device = torch.device(device)
     actor, _, _ = load_model(cfg.sft_model, head="lm", device=device)
-    ref = copy.deepcopy(actor)
+    ref = copy.deepcopy(actor)  # before any adapter: the reference is the SFT model itself
     critic_src = cfg.reward_model if cfg.critic_init == "reward" else cfg.sft_model
     critic, _, _ = load_model(critic_src, head="scalar", device=device)
+    if cfg.actor_lora.rank:
+        apply_lora(actor, cfg.actor_lora)
+    if cfg.critic_lora.rank:  # the value head keeps training: from SFT it is new, from the RM it must move
+        apply_lora(critic, cfg.critic_lora, keep_trainable=("score.",))
     if reward_fn is not None:
         def score(prompts, samples):
             return scores_from_fn(reward_fn, tok, prompts, samples, device)
@@ -477,6 +511,10 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
     rundir = RunDir(out, "ppo", resume, cfg.overwrite, inputs={"sft_model": cfg.sft_model,
                                                               "reward_model": cfg.reward_model})
     state = rundir.check()
+    if state is not None:
+        meta = read_config(out).get("lmforge", {})
+        for key in ("actor_lora", "critic_lora"):
+            check_resume_rank(out, meta, key, getattr(cfg, key).rank)
 
     if cfg.top_k or cfg.top_p < 1.0:
         print(f"note: sampling with top_k={cfg.top_k}, top_p={cfg.top_p}; PPO log-probs still come from the "
@@ -491,15 +529,16 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
         del policy
     meta = {"stage": "ppo", "sft_model": str(cfg.sft_model), "reward_model": str(cfg.reward_model or "reward_fn"),
             "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "ema_decay": cfg.ema_decay,
-            "config": to_dict(cfg)}
+            "actor_lora_rank": cfg.actor_lora.rank, "critic_lora_rank": cfg.critic_lora.rank, "config": to_dict(cfg)}
 
-    def save(iteration: int) -> None:
-        policy = trainer.ema if trainer.ema is not None else trainer.actor
+    def save(iteration: int) -> None:  # plain models: any adapters merged
+        policy = trainer.ema if trainer.ema is not None else plain_model(trainer.actor)
         save_checkpoint(out, policy, tok, {**meta, "iteration": iteration, "kl_coef": trainer.kl_ctl.value},
                         trainer.state_dict(iteration))
         # After the policy: its directory swap keeps files, not sub-directories. Resume reads the critic
         # from training_state.pt, so a crash between the two saves loses nothing.
-        save_checkpoint(out / "critic", trainer.critic, tok, {"stage": "ppo_critic", "iteration": iteration})
+        save_checkpoint(out / "critic", plain_model(trainer.critic), tok,
+                        {"stage": "ppo_critic", "iteration": iteration})
 
     history = []
     with rundir.active(start):

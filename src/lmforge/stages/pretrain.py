@@ -67,6 +67,7 @@ class PretrainConfig:
     stop_step: int = 0                  # stop (with a checkpoint) after this step; --resume continues
     device: str = "auto"
     compile: bool = False               # torch.compile the model
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
     seed: int = 1337
     logger: Literal["none", "tensorboard", "wandb"] = "none"
     overwrite: bool = False             # start over in an `out` that already holds a run
@@ -178,7 +179,7 @@ def _samples(model, tok: Tokenizer, cfg: PretrainConfig, device: torch.device) -
     from lmforge.generation import SamplingParams, generate
 
     model = getattr(model, "_orig_mod", model)  # generate with the eager module (KV-cache shapes vary)
-    prompts = [[tok.special.bos] + tok.encode(p) for p in cfg.sample_prompts]
+    prompts = [tok.document_ids(p)[:-1] for p in cfg.sample_prompts]  # [BOS] text, no EOS
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = generate(model, prompts, SamplingParams(cfg.sample_tokens, temperature=0.8, top_k=50),
                    [tok.special.eos], tok.special.pad, gen)
@@ -247,6 +248,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = Tru
     model = Transformer(cfg.model)
     if resume_state is not None:
         model.load_state_dict(load_model(out, head="lm")[0].state_dict())
+    model.gradient_checkpointing = cfg.gradient_checkpointing
     model.to(device)
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(cfg.seq_len)

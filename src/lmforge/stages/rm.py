@@ -10,7 +10,8 @@ Data (the seed's formats, JSONL or one JSON array):
     scored    {"input": ..., "output": ..., "score": 4.5}
 Training follows InstructGPT (Ouyang et al. 2022, sec. 3.5): the C(K,2) comparisons of one prompt form one
 batch element (one forward pass per response), the RM starts from the SFT model, one epoch, and a bias is set
-afterwards so that reference demonstrations score mean 0.
+afterwards so that reference demonstrations score mean 0. With lora.rank > 0 only adapters and the score head
+train; the checkpoint is a plain model with the adapters merged.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from lmforge.records import write_jsonl_atomic
 from lmforge.rundir import RunDir
 from lmforge.stage import Stage, StageContext
 from lmforge.generation import left_pad
+from lmforge.lora import (LoraConfig, apply_lora, check_resume_rank, load_trainable_state_dict, merged_copy,
+                          trainable_state_dict)
 from lmforge.model import Transformer
 from lmforge.preferences import (
     Example,
@@ -169,11 +172,15 @@ class RMConfig:
     eval_every: int = 0
     save_every: int = 0
     log_every: int = 10
+    stop_step: int = 0                # stop (with a checkpoint) after this step; --resume continues
     skip_invalid: bool = False        # skip and count invalid records instead of stopping at the first one
     seed: int = 0
     device: str = "auto"
     overwrite: bool = False           # start over in an `out` that already holds a run
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.0, warmup_steps=10))
+    # lora.rank > 0: train adapters and the (new) score head only; the checkpoint holds the merged weights
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> None:
         for key in ("init", "data"):
@@ -189,6 +196,12 @@ class RMConfig:
                 raise ConfigError(key, "must be >= 0")
         if self.loss == "hinge" and self.margin <= 0:
             raise ConfigError("margin", "must be > 0 with loss=hinge")
+        if self.stop_step < 0:
+            raise ConfigError("stop_step", "must be >= 0")
+        self.lora.validate_as("lora")
+        if self.lora.rank and self.lora.dropout:  # as for the backbone's dropout (disable_dropout)
+            raise ConfigError("lora.dropout", "must be 0: a reward model trains with dropout off, so that it "
+                                              "scores the same in training and in use")
 
 
 @dataclass
@@ -241,6 +254,15 @@ def load_rm_data(cfg: RMConfig) -> RMData:
     return RMData(tok, encoder, pooling, kind, loss, train, val, references, skipped)
 
 
+def _check_resume(out: Path, cfg: RMConfig) -> None:
+    """Refuse to resume with another LoRA rank, or (with LoRA: the frozen base comes from it) another init."""
+    meta = read_config(out).get("lmforge", {})
+    check_resume_rank(out, meta, "lora", cfg.lora.rank)
+    if cfg.lora.rank and meta.get("init") != cfg.init:
+        raise LmforgeError(f"{out}: cannot resume: config key 'init' differs (checkpoint {meta.get('init')}); "
+                           "with LoRA the frozen base weights come from it")
+
+
 class RMBatches:
     """Micro-batches of whole prompts (all K responses of each, left-padded): a pure function of
     (step, micro, rank), each epoch a seeded permutation, so --resume continues exactly."""
@@ -272,16 +294,26 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> dict:
     dist_info = init_distributed()
     rundir = RunDir(out, "rm", resume, cfg.overwrite, inputs={"init": cfg.init}, is_main=dist_info.is_main)
     state = rundir.check()
+    if state is not None:
+        _check_resume(out, cfg)
 
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     train, val, pad = data.train, data.val, data.tok.special.pad
     steps = math.ceil(cfg.epochs * len(train) / (cfg.batch_size * cfg.optim.grad_accum * dist_info.world_size))
     optim = dataclasses.replace(cfg.optim, max_steps=steps)
-    model, _, _ = load_model(out if resume else cfg.init, head="scalar", device=device)
+    # Full fine-tuning resumes from the saved weights. With LoRA the checkpoint is merged, so the frozen base
+    # comes from init again and the adapters and score head from the training state.
+    weights = out if state is not None and not cfg.lora.rank else cfg.init
+    model, _, _ = load_model(weights, head="scalar", device=device)
     disable_dropout(model)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.lora.rank:
+        apply_lora(model, cfg.lora, keep_trainable=("score.",))
+        if state is not None:
+            load_trainable_state_dict(model, state["trainable"])
     meta = {"stage": "rm", "backbone": "encoder" if data.encoder else "decoder", "pooling": data.pooling,
-            "loss": data.loss, "init": cfg.init}
+            "loss": data.loss, "init": cfg.init, "lora_rank": cfg.lora.rank}
     if data.kind == "scored":
         scores = torch.tensor([ex.score for ex in train])
         std = scores.std(unbiased=False).item() if cfg.standardize_targets else 1.0
@@ -306,18 +338,29 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> dict:
         return {"val_loss": batch_loss(r, labels_of(val)).item(), **{f"val_{k}": v for k, v in metrics.items()}}
 
     def save(m, state, final):
-        if not final:  # the final checkpoint is written below, once the normalisation is known
-            save_checkpoint(out, m, data.tok, meta, state)
+        if final:  # the final checkpoint is written below, once the normalisation is known
+            return
+        if cfg.lora.rank:  # a plain merged model; the training state keeps what resume trains on
+            state = {**state, "trainable": trainable_state_dict(m)}
+            m = merged_copy(m)
+        save_checkpoint(out, m, data.tok, {**meta, "step": state["step"]}, state)
 
     mean_len = sum(len(s) for ex in train for s in ex.ids) / sum(len(ex.ids) for ex in train)
     hooks = LoopHooks(RMBatches(train, cfg.batch_size, optim.grad_accum, pad, cfg.seed, device), loss_fn, save, eval_hook)
     with rundir.active(int(state["step"]) if state else 0):
         logger = MetricsLogger(out, enabled=dist_info.is_main)
-        train_loop(model, optim, hooks, out, device, resume_state=state, eval_every=cfg.eval_every,
-                   save_every=cfg.save_every, log_every=cfg.log_every, logger=logger, dist_info=dist_info,
-                   flops_per_token=model.flops_per_token(int(mean_len)), desc="rm")
+        history = train_loop(model, optim, hooks, out, device, resume_state=state, eval_every=cfg.eval_every,
+                             save_every=cfg.save_every, log_every=cfg.log_every, logger=logger, dist_info=dist_info,
+                             flops_per_token=model.flops_per_token(int(mean_len)), desc="rm", stop_step=cfg.stop_step)
         if not dist_info.is_main:
             return {}
+        done = history[-1]["step"] if history else int(state["step"]) if state else 0
+        if done < steps:  # stopped early: keep the resumable checkpoint; normalisation waits for the end
+            summary = {"stopped_at": done, "steps": steps, "seconds": time.perf_counter() - t0}
+            rundir.finish(summary, to_dict(cfg))
+            return summary
+        if cfg.lora.rank:  # from here on the plain merged model, exactly what every consumer will load
+            model = merged_copy(model, device)
         # InstructGPT: "a bias so that the labeler demonstrations achieve a mean score of 0" before RL.
         ref_raw = score_sequences(model, data.references, pad, data.pooling, cfg.eval_batch_size)
         if cfg.normalize != "none":
@@ -389,6 +432,10 @@ def score_records(cfg: RMScoreConfig) -> None:
 def _print_summary(cfg: RMConfig, resume: bool) -> None:
     s = run_rm(cfg, resume=resume)
     if not s:
+        return
+    if "stopped_at" in s:
+        print(f"reward model: stopped after step {s['stopped_at']} of {s['steps']} ({s['seconds']:.1f}s); "
+              f"continue with --resume -> {cfg.out}")
         return
     shown = ", ".join(f"{k} {s[k]:.4f}" for k in ("heldout_accuracy", "mean_margin", "kendall_tau", "mse", "pearson")
                       if s.get(k) is not None)

@@ -89,6 +89,7 @@ class SFTConfig:
     device: str = "auto"
     logger: Literal["none", "tensorboard", "wandb"] = "none"
     overwrite: bool = False         # start over in an `out` that already holds a run
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.0, warmup_steps=20,
                                                                    max_steps=500))
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -469,6 +470,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict
     if cfg.epochs:
         per_step = cfg.batch_size * optim.grad_accum * dist_info.world_size
         optim = replace(optim, max_steps=math.ceil(cfg.epochs * batches.units_per_epoch(0) / per_step))
+    model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.lora.rank:  # base weights frozen; on resume the adapters come from the training state
         apply_lora(model, cfg.lora)
         if state is not None:
