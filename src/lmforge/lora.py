@@ -30,6 +30,7 @@ class LoraConfig:
     alpha: float = 16.0             # the update is scaled by alpha / r
     dropout: float = 0.0            # dropout on the adapter's input
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])   # layer names or all-linear
+    layers: int = 0                 # adapt only the last N blocks (0 = all): backward stops below them (cheaper)
 
     def validate(self) -> None:
         if self.rank < 0:
@@ -44,6 +45,8 @@ class LoraConfig:
                                    f"(expected {', '.join(LINEAR_NAMES)} or all-linear)")
         if self.rank and not self.targets:
             raise ConfigError("targets", "must name at least one layer")
+        if self.layers < 0:
+            raise ConfigError("layers", "must be >= 0 (0 = every block)")
 
     def validate_as(self, key: str) -> None:
         """validate(), naming keys under `key` ('lora.rank'): for a parent config validated outside the loader."""
@@ -89,9 +92,12 @@ def apply_lora(model: Transformer, cfg: LoraConfig, keep_trainable: tuple[str, .
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(keep_trainable))  # startswith(()) is False: all frozen
     targets, wrapped = cfg.target_names(), []
+    n_layers = model.config.num_hidden_layers
+    first = n_layers - min(cfg.layers, n_layers) if cfg.layers else 0
+    blocks = tuple(f"model.layers.{i}." for i in range(first, n_layers))
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear) and name.startswith("model.layers"):
+            if child_name in targets and isinstance(child, nn.Linear) and (name + ".").startswith(blocks):
                 setattr(module, child_name, LoRALinear(child, cfg.rank, cfg.alpha, cfg.dropout))
                 wrapped.append(f"{name}.{child_name}")
     if not wrapped:

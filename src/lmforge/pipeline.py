@@ -68,7 +68,7 @@ class Sources:
     rl_prompts: str = ""       # prompts for sampling candidates and PPO
     eval_prompts: str = ""     # held-out prompts (the oracle judge needs the built-in world's prompts)
     tokenizer: str = ""        # an existing tokenizer directory: skips tokenizer training
-    base_model: str = ""       # an existing pretrained checkpoint: skips tokenizer, data and pretraining
+    base_model: str = ""       # a pretrained checkpoint, hf:DIR or gguf:FILE: skips tokenizer, data, pretraining
 
     def artifacts(self) -> dict[str, Any]:
         """artifact name -> the user's path, for the sources that are set."""
@@ -78,8 +78,14 @@ class Sources:
         return {k: v for k, v in named.items() if v}
 
     def validate(self) -> None:
+        if self.base_model.startswith(("hf:", "gguf:")):
+            from lmforge.hf import model_source_path
+
+            model_source_path(self.base_model, key="sources.base_model")
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "base_model" and value.startswith(("hf:", "gguf:")):
+                continue
             for p in value if isinstance(value, list) else [value] if value else []:
                 is_dir = f.name in ("tokenizer", "base_model")
                 if not (Path(p).is_dir() if is_dir else Path(p).is_file()):
@@ -92,7 +98,7 @@ class RunConfig:
     """`lmforge run` settings. Every stage also has a section named after it (`sft.optim.lr=1e-3`, see
     `lmforge sft --help` for its keys); paths between stages are set by the pipeline."""
     out: str = "runs/lmforge"           # the run directory: one sub-directory per stage
-    preset: Literal["tiny", "default"] = "default"  # model and data sizes (src/lmforge/presets/run_<preset>.yaml)
+    preset: Literal["tiny", "default", "smollm2"] = "default"  # src/lmforge/presets/run_<preset>.yaml
     seed: int = 0                       # world, sampling and evaluation seed (training stages have their own)
     device: str = "auto"                # auto: cuda when available
     branches: list[str] = field(default_factory=lambda: ["ppo"])  # policy optimisers to run after SFT
@@ -107,6 +113,10 @@ def _hash(obj: Any) -> str:
 def _path_fingerprint(path: str) -> str:
     """Identity of a user file or directory: path, size and modification time (of config/tokenizer files in a
     directory), so editing a source reruns the stages that read it."""
+    if path.startswith(("hf:", "gguf:")):
+        from lmforge.hf import model_source_path
+
+        path = str(model_source_path(path))
     p = Path(path)
     files = [p] if p.is_file() else sorted(q for q in p.glob("*.json") if q.is_file())
     return f"{p.resolve()}:" + ",".join(f"{q.stat().st_size}:{int(q.stat().st_mtime)}" for q in files)

@@ -248,6 +248,22 @@ def test_pairwise_data_with_unit_std_normalisation(tok, tmp_path):
     assert abs(rewards.mean().item()) < 1e-4 and rewards.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
 
 
+def test_reference_limit_centres_on_a_fixed_sample(tok, tmp_path):
+    from lmforge.stages.rm import load_rm_data
+
+    rng = random.Random(2)
+    records = [{"prompt": f"{rng.choice(FILL)} {i}", "chosen": _response(rng, 2), "rejected": _response(rng, 0)}
+               for i in range(20)]
+    data = _write(tmp_path / "pairs.jsonl", records)
+    init = _init(tmp_path / "sft", tok)
+    every = load_rm_data(_cfg(init, data, tmp_path / "rm", val_fraction=0.0))
+    some = load_rm_data(_cfg(init, data, tmp_path / "rm", val_fraction=0.0, reference_limit=5))
+    assert len(every.references) == 20 and len(some.references) == 5
+    assert all(r in every.references for r in some.references)  # a subset, the same one every time
+    assert some.references == load_rm_data(_cfg(init, data, tmp_path / "rm", val_fraction=0.0,
+                                                 reference_limit=5)).references
+
+
 def test_regression_recovers_scores(tok, tmp_path):
     rng = random.Random(2)
     records = []

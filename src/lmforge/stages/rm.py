@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ class RMConfig:
     val_data: str = ""                # held-out records; default: val_fraction of the prompts of `data`
     val_fraction: float = 0.1
     reference_data: str = ""          # responses to centre at 0 (e.g. the SFT data); default: the best of `data`
+    reference_limit: int = 0          # centre on a fixed-seed sample of at most this many references (0 = all)
     out: str = "runs/rm"
     loss: Literal["auto", "logsigmoid", "hinge", "mse"] = "auto"   # auto: logsigmoid (ranked), mse (scored)
     margin: float = 0.0               # r_better - r_worse must exceed it (logsigmoid shift, hinge margin)
@@ -191,7 +193,7 @@ class RMConfig:
         for key in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(key, "must be positive")
-        for key in ("margin", "center_coef"):
+        for key in ("margin", "center_coef", "reference_limit"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, "must be >= 0")
         if self.loss == "hinge" and self.margin <= 0:
@@ -246,6 +248,9 @@ def load_rm_data(cfg: RMConfig) -> RMData:
         skipped, references = skipped + n, best_responses(refs)
     else:
         references = best_responses(train)
+    if cfg.reference_limit and len(references) > cfg.reference_limit:  # a fixed-seed sample, in file order
+        keep = sorted(random.Random(cfg.seed).sample(range(len(references)), cfg.reference_limit))
+        references = [references[i] for i in keep]
     if cfg.normalize == "mean_std" and len(references) < 2:
         raise LmforgeError("config key 'normalize': mean_std needs at least 2 reference responses")
     loss = cfg.loss if cfg.loss != "auto" else ("mse" if kind == "scored" else "logsigmoid")
