@@ -152,13 +152,14 @@ def test_loss_mask_covers_assistant_content_and_end_of_turn(hf_dir):
     assert render_prompt(tok, CONVERSATION[:4]) == completion[:len(render_prompt(tok, CONVERSATION[:4]))]
 
 
-def test_no_pad_token_pads_with_eos_without_resizing(tmp_path):
+def test_no_pad_token_pads_with_a_token_that_never_ends_a_turn_without_resizing(tmp_path):
     tok = _tokenizer("llama3")
     model = _hf_model("llama_untied_scaled", len(tok))
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     ours, t, _ = load_model(f"hf:{tmp_path}")
-    assert t.special.pad == t.special.eos and ours.config.vocab_size == len(tok)
+    assert t.special.pad not in stop_ids(t) and t.special.pad != t.special.bos and ours.config.vocab_size == len(tok)
+    assert t.hf.id_to_token(t.special.pad) in tok.all_special_tokens + ["<|start_header_id|>", "<|end_header_id|>"]
     assert t.special.bos == tok.bos_token_id and t.special.end == tok.convert_tokens_to_ids("<|eot_id|>")
 
 
@@ -224,7 +225,10 @@ def _edit_config(src, dst, **changes):
     ({"model_type": "mistral", "sliding_window": 4096}, "sliding-window attention is not supported"),
     ({"num_local_experts": 8}, "mixture-of-experts models are not supported"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "rope type 'yarn' is not supported"),
-    ({"hidden_size": 128}, "has shape"),
+    ({"hidden_size": 128}, "weight model.embed_tokens.weight has shape"),
+    ({"intermediate_size": 96}, "weight model.layers.0.mlp.down_proj.weight has shape (64, 160), but config.json implies (64, 96)"),
+    ({"num_key_value_heads": 4}, "weight model.layers.0.self_attn.k_proj.weight has shape"),
+    ({"architectures": ["LlamaForSequenceClassification"], "num_labels": 2}, "num_labels != 1"),
 ])
 def test_unsupported_or_broken_models_are_refused_in_one_line(llama_dir, tmp_path, capsys, changes, message):
     bad = _edit_config(llama_dir, tmp_path / "bad", **changes)
@@ -261,3 +265,118 @@ def test_unsupported_gguf_is_refused_in_one_line(tmp_path, capsys, arch, dtype, 
     assert main(["import", "gguf", str(path), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def _chatml_dir(tmp_path, pad_is_end: bool = False, im_end_special: bool = True):
+    """A ChatML model folder in SmolLM2's layout (PAD = EOS = <|im_end|> when pad_is_end)."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>"] + (["<|im_end|>"] if im_end_special else [])
+    hf.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if not im_end_special:
+        from tokenizers import AddedToken
+
+        hf.add_tokens([AddedToken("<|im_end|>", special=False)])
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=hf, eos_token="<|endoftext|>" if not im_end_special else "<|im_end|>",
+        pad_token="<|im_end|>" if pad_is_end else "<|endoftext|>", unk_token="<|endoftext|>", chat_template=CHATML)
+    _hf_model("llama_tied", len(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_reward_model_with_a_pad_that_is_a_stop_token_scores_alike_in_transformers(tmp_path):
+    """SmolLM2 pads with <|im_end|>, its end-of-turn token: lmforge pads with a token that never ends a turn, and
+    writes it down, so transformers' sequence classifier reads the score at the end-of-turn token as lmforge."""
+    _, tok, _ = load_model(f"hf:{_chatml_dir(tmp_path / 'hf', pad_is_end=True)}")
+    assert tok.special.pad not in stop_ids(tok) and tok.hf.id_to_token(tok.special.end) == "<|im_end|>"
+    torch.manual_seed(0)
+    rm = Transformer(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=256), head="scalar")
+    save_checkpoint(tmp_path / "rm", rm, tok, {"stage": "rm"})
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    x = torch.tensor([render_completion(tok, CONVERSATION[:2], "The answer is 5.")])
+    with torch.no_grad():
+        assert torch.allclose(theirs(x).logits[:, 0], raw_scores(rm.eval(), x, torch.ones_like(x)), atol=1e-5)
+
+
+def test_end_of_turn_added_without_the_special_flag_is_found(tmp_path):
+    _, tok, _ = load_model(f"hf:{_chatml_dir(tmp_path, im_end_special=False)}")
+    assert tok.hf.id_to_token(tok.special.end) == "<|im_end|>" and tok.special.end in stop_ids(tok)
+    ids, mask = render(tok, CONVERSATION[:3])
+    assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == "The answer is 5.<|im_end|>"
+
+
+def test_sft_truncation_keeps_the_assistant_header_under_chatml(tmp_path):
+    from lmforge.losses import IGNORE
+    from lmforge.stages.sft import encode_example
+
+    _, tok, _ = load_model(f"hf:{_chatml_dir(tmp_path)}")
+    long_prompt = [{"role": "user", "content": "Hello world, " * 30}, {"role": "assistant", "content": "The answer is 5."}]
+    full, _ = render(tok, long_prompt)
+    ids, labels = encode_example(tok, long_prompt, 32)
+    assert len(ids) == 32 and tok.special.bos is None  # no BOS to keep in ChatML
+    assert ids == full[len(full) - 1 - 32:-1]  # the tail, without the newline after the last <|im_end|>
+    assert tok.decode([t for t in labels if t != IGNORE], skip_special=False) == "The answer is 5.<|im_end|>"
+    assert "<|im_start|>assistant\n" in tok.decode(ids, skip_special=False)
+    long_answer = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello world, " * 30}]
+    assert encode_example(tok, long_answer, 32) is None  # the response cannot fit: the record is dropped
+
+
+def test_pretraining_special_table_and_mlm_refusal_with_a_foreign_tokenizer(tmp_path):
+    from lmforge.stages.pretrain import special_table
+
+    _, tok, _ = load_model(f"hf:{_chatml_dir(tmp_path)}")
+    table = special_table(tok)
+    assert table[tok.special.end] and table[tok.special.pad] and int(table.sum()) == 3
+
+
+def test_missing_tie_key_means_untied_as_in_transformers(tmp_path):
+    tok = _tokenizer("qwen2")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf.pop("tie_word_embeddings")
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    ours, t, _ = load_model(f"hf:{tmp_path}")
+    _logits_equal(ours, transformers.AutoModelForCausalLM.from_pretrained(tmp_path), render_prompt(t, CONVERSATION[:2]))
+
+
+def test_mistral_without_sliding_window_matches_transformers(tmp_path):
+    tok = _tokenizer("chatml")
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=None)
+    transformers.MistralForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ours, t, _ = load_model(f"hf:{tmp_path}")
+    assert ours.config.head_dim == 32
+    _logits_equal(ours, transformers.AutoModelForCausalLM.from_pretrained(tmp_path), render(t, CONVERSATION)[0])
+
+
+def test_reward_model_saved_with_a_score_bias_keeps_its_normalised_scores(tok, tmp_path):
+    """Checkpoints from before the bias-free head: the bias is folded into the stored normalisation."""
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.scoring import RewardScorer
+
+    torch.manual_seed(0)
+    rm = Transformer(tiny_config(vocab_size=tok.vocab_size), head="scalar")
+    save_checkpoint(tmp_path / "rm", rm, tok, {"stage": "rm", "reward_mean": 3.5, "reward_std": 2.0})
+    state = load_file(str(tmp_path / "rm" / "model.safetensors"))
+    save_file({**state, "score.bias": torch.tensor([3.0])}, str(tmp_path / "rm" / "model.safetensors"))
+    x = torch.tensor([render_completion(tok, [CONVERSATION[1]], "The answer is 5.")])
+    with torch.no_grad():
+        expected = (raw_scores(rm.eval(), x, torch.ones_like(x)) + 3.0 - 3.5) / 2.0
+    scorer = RewardScorer.load(tmp_path / "rm")
+    assert scorer.score([CONVERSATION[1]["content"]], ["The answer is 5."])[0] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_lmforge_fingerprint_is_unchanged_by_the_chat_template(tok):
+    import hashlib
+
+    assert tok.fingerprint() == hashlib.sha256(tok.hf.to_str().encode()).hexdigest()[:16]

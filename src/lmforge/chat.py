@@ -89,12 +89,27 @@ def _compile(template: str):
     from datetime import datetime
 
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    class Generation(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask markers) renders its body as is:
+        the loss mask comes from the offsets of the messages' contents here."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", Generation])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env.from_string(template)
@@ -142,12 +157,13 @@ def _layout(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool) -
 
 
 def end_of_turn_token(tok: Tokenizer) -> int | None:
-    """The special token the template puts right after an assistant message's content (None: no such token)."""
+    """The added token the template puts right after an assistant message's content (None: no such token).
+    Some fine-tunes add `<|im_end|>` without marking it special: any added token counts."""
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     text, spans = _layout(tok, msgs, False)
     tail = text[spans[-1][2]:]
     for t in tok.hf.encode(tail, add_special_tokens=False).ids[:1]:
-        if t in {i for i, a in tok.hf.get_added_tokens_decoder().items() if a.special}:
+        if t in tok.hf.get_added_tokens_decoder():
             return t
     return None
 
@@ -195,11 +211,6 @@ def render_completion(tok: Tokenizer, prompt: list[dict], response: str) -> list
     ids, mask = render(tok, prompt + [{"role": "assistant", "content": response}])
     last = max(i for i, m in enumerate(mask) if m) if any(mask) else len(ids) - 1
     return ids[:last + 1]
-
-
-def render_response(tok: Tokenizer, response: str) -> list[int]:
-    """Token ids of an assistant response as the template closes it (content + end-of-turn token)."""
-    return tok.encode(response) + [tok.special.end]
 
 
 def stop_ids(tok: Tokenizer) -> list[int]:

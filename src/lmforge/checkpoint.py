@@ -176,9 +176,9 @@ def model_config_from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
     for key in ("num_experts", "num_local_experts", "moe_intermediate_size"):
         if cfg.get(key):
             raise LmforgeError(f"{source}: mixture-of-experts models are not supported ({key}={cfg[key]})")
-    if model_type == "mistral" and cfg.get("sliding_window") is not None:
+    if model_type == "mistral" and cfg.get("sliding_window", 4096) is not None:  # transformers' default: 4096
         raise LmforgeError(f"{source}: sliding-window attention is not supported (sliding_window="
-                           f"{cfg['sliding_window']}); a Mistral without it loads")
+                           f"{cfg.get('sliding_window', '4096 by default')}); a Mistral with sliding_window null loads")
     if model_type == "qwen2" and cfg.get("use_sliding_window"):
         raise LmforgeError(f"{source}: sliding-window attention is not supported (use_sliding_window=true)")
     if cfg.get("hidden_act", "silu") != "silu":
@@ -198,9 +198,10 @@ def model_config_from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
             num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=heads,
             num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
             intermediate_size=int(cfg["intermediate_size"]),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings",  # transformers' defaults
+                                                {"llama": 2048, "mistral": 131072, "qwen2": 32768}[model_type])),
             rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type != "llama" or False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),  # transformers' default
             head_dim=int(cfg.get("head_dim") or 0),
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
             o_proj_bias=model_type != "qwen2" and bool(cfg.get("attention_bias")),
@@ -236,23 +237,29 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if "rotary_emb" not in k}
 
 
-def load_model(path: str | Path, head: str | None = None, device: str | torch.device = "cpu",
-               strict: bool = True) -> tuple[Transformer, Tokenizer, dict]:
+def load_model(path: str | Path, head: str | None = None,
+               device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
     """Load (model, tokenizer, lmforge metadata). `head` may differ from the saved one: missing head
     weights stay freshly initialised (e.g. a reward model built on an SFT checkpoint)."""
     path = resolve_checkpoint(path)
     cfg = read_config(path)
-    saved_head = cfg.get("lmforge", {}).get("head")
+    meta = dict(cfg.get("lmforge", {}))
+    saved_head = meta.get("head")
     if saved_head is None:  # a Hugging Face folder: the class says which head it has
         saved_head = "scalar" if any("SequenceClassification" in a for a in cfg.get("architectures") or []) else "lm"
+        if saved_head == "scalar" and int(cfg.get("num_labels", len(cfg.get("id2label") or {0: 0}))) != 1:
+            raise LmforgeError(f"{path / CONFIG_FILE}: a sequence classifier with num_labels != 1 is not a reward model")
     mc = model_config_from_dict(cfg, str(path / CONFIG_FILE))
     state = read_weights(path)
-    for name, t in state.items():  # a shape mismatch is named before torch's long message could be
-        if name == "model.embed_tokens.weight" and tuple(t.shape) != (mc.vocab_size, mc.hidden_size):
-            raise LmforgeError(f"{path}: {name} has shape {tuple(t.shape)}, config.json says "
-                               f"({mc.vocab_size}, {mc.hidden_size})")
+    if "score.bias" in state:  # lmforge < 2026-12 had a score bias: fold it into the normalisation it fed
+        meta["reward_mean"] = float(meta.get("reward_mean", 0.0)) - float(state.pop("score.bias").reshape(-1)[0])
     with torch.device("meta"):  # no throwaway random init of a large model: weights come from the file
         model = Transformer(mc, head=head or saved_head)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, t in state.items():  # a shape mismatch is named in one line, before torch's long message
+        if name in shapes and tuple(t.shape) != shapes[name]:
+            raise LmforgeError(f"{path}: weight {name} has shape {tuple(t.shape)}, but config.json implies "
+                               f"{shapes[name]}")
     model.to_empty(device="cpu")
     model.inv_freq.copy_(rope_inv_freq(mc))
     # A head the checkpoint lacks (a reward model built on an SFT checkpoint) starts freshly initialised.
@@ -268,12 +275,12 @@ def load_model(path: str | Path, head: str | None = None, device: str | torch.de
     missing = [k for k in missing if not k.startswith(new_heads)
                and not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     unexpected = [k for k in unexpected if not k.startswith(("score.", "lm_head."))]
-    if strict and (missing or unexpected):
+    if missing or unexpected:
         raise LmforgeError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if mc.tie_word_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.model.embed_tokens.weight  # to_empty() untied them
     tok = Tokenizer.load(path)
-    return model.to(device), tok, cfg.get("lmforge", {})
+    return model.to(device), tok, meta
 
 
 def load_training_state(path: str | Path) -> dict | None:

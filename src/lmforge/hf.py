@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,10 @@ def convert_gguf(path: str | Path, out: str | Path) -> dict:
         (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, default=str), encoding="utf-8")
         tokenizer.save_pretrained(tmp)
         del model, state
-        return import_hf(tmp, out, source=f"gguf:{path}")
+        try:
+            return import_hf(tmp, out, source=f"gguf:{path}")
+        except LmforgeError as e:  # name the GGUF file, not the temporary folder
+            raise LmforgeError(f"{path}: {str(e).replace(str(tmp) + '/', '').replace(str(tmp), 'converted model')}") from None
 
 
 def model_source_path(spec: str, key: str = "") -> Path:
@@ -130,7 +134,7 @@ def gguf_checkpoint(spec: str | Path) -> Path:
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if not (target / "config.json").is_file():
-        print(f"converting {path} to an lmforge checkpoint in {target} (once)")
+        print(f"converting {path} to an lmforge checkpoint in {target} (once)", file=sys.stderr)
         convert_gguf(path, target)
     return target
 

@@ -149,14 +149,26 @@ class Tokenizer:
                            (hf_tokenizer.token_to_id(t) for t in SPECIAL_TOKENS)))
             self.special = SpecialIds(**ids)
         else:
-            pad = tid("pad_token")
-            self.special = SpecialIds(pad=eos if pad is None else pad, bos=tid("bos_token"), eos=eos, end=eos)
+            self.special = SpecialIds(pad=eos, bos=tid("bos_token"), eos=eos, end=eos)
             from lmforge.chat import end_of_turn_token  # the template decides which token closes a turn
 
             end = end_of_turn_token(self)
             self.special.end = eos if end is None else end
+            self.special.pad = self._pad_id(tid("pad_token"), tid("unk_token"))
         self.special_ids = {i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special}
         self.special_ids |= {self.special.eos, self.special.end}
+
+    def _pad_id(self, pad: int | None, unk: int | None) -> int:
+        """The id that fills padded positions: the model's PAD unless it is a stop token (SmolLM2 pads with
+        <|im_end|>, Llama 3 has none), then UNK or another special token that never ends a turn, else EOS.
+        Masks are always explicit, so the choice never changes what lmforge computes; it matters to
+        transformers' sequence classifier, which reads a reward model's score at the last non-PAD token."""
+        stops = {self.special.end, self.special.eos}
+        added = sorted(i for i, t in self.hf.get_added_tokens_decoder().items() if t.special)
+        for candidate in [pad, unk, *added]:
+            if candidate is not None and candidate not in stops and candidate != self.special.bos:
+                return candidate
+        return self.special.eos
 
     def token_text(self, key: str) -> str | None:
         """The text of special token `key` ('bos_token', 'eos_token', ...), as the chat template sees it."""
@@ -204,8 +216,7 @@ class Tokenizer:
         config = {k: v for k, v in self.config.items() if k in keep}
         if config.get("tokenizer_class") not in ("PreTrainedTokenizerFast", None):
             config["tokenizer_class"] = "PreTrainedTokenizerFast"  # tokenizer.json is all a fast tokenizer needs
-        if self.config.get("pad_token") is None:  # the pad we use, written down so transformers pads alike
-            config["pad_token"] = self.hf.id_to_token(self.special.pad)
+        config["pad_token"] = self.hf.id_to_token(self.special.pad)  # the pad we use, so transformers pads alike
         config["chat_template"] = self.chat_template
         (d / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
@@ -238,8 +249,10 @@ class Tokenizer:
         return tok.replace("\u2581", " ").encode("utf-8")  # SentencePiece word marker
 
     def fingerprint(self) -> str:
-        """Hash of the tokenizer definition and chat template: stages refuse to mix models of different ones."""
-        return hashlib.sha256((self.hf.to_str() + (self.chat_template or "")).encode()).hexdigest()[:16]
+        """Hash of the tokenizer definition and chat template: stages refuse to mix models of different ones.
+        (lmforge's own template is left out of the hash, so fingerprints written before templates existed hold.)"""
+        template = "" if self.chat_template == LMFORGE_CHAT_TEMPLATE else self.chat_template
+        return hashlib.sha256((self.hf.to_str() + template).encode()).hexdigest()[:16]
 
 
 _BYTE_DECODER: dict[str, int] | None = None

@@ -125,7 +125,7 @@ def mlm_mask(ids: torch.Tensor, special: torch.Tensor, mask_id: int, probability
 def special_table(tok: Tokenizer) -> torch.Tensor:
     """(vocab,) bool: True at the tokenizer's special tokens."""
     table = torch.zeros(tok.vocab_size, dtype=torch.bool)
-    table[list(dataclasses.asdict(tok.special).values())] = True
+    table[sorted(tok.special_ids | {i for i in dataclasses.asdict(tok.special).values() if i is not None})] = True
     return table
 
 
@@ -220,6 +220,9 @@ def _load_inputs(cfg: PretrainConfig, rundir: RunDir) -> tuple[dict, Tokenizer, 
     tok = Tokenizer.load(cfg.tokenizer or cfg.data)
     check_same_tokenizer(tok.fingerprint(), manifest["tokenizer_fingerprint"],
                          f"config key 'tokenizer' ({cfg.tokenizer or cfg.data})", f"config key 'data' ({cfg.data})")
+    if cfg.objective == "mlm" and tok.special.mask is None:
+        raise LmforgeError(f"config key 'objective': mlm needs a mask token, which the tokenizer of {cfg.data} "
+                           "lacks (train one with `lmforge tokenizer train`)")
     train, val = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "val")
     if train.max_window() < cfg.seq_len:
         raise LmforgeError(f"config key 'seq_len': {cfg.data} has no train shard longer than {cfg.seq_len} tokens "

@@ -143,14 +143,20 @@ def encode_example(tok: Tokenizer, messages: list[dict], max_len: int) -> tuple[
 
     Truncated as the module docstring says; None when the last response cannot fit (the record is dropped).
     """
-    ids, mask = render(tok, messages[:_last_assistant(messages) + 1])
+    last = _last_assistant(messages)
+    ids, mask = render(tok, messages[:last + 1])
+    end = max(i for i, m in enumerate(mask) if m) + 1  # what a template writes after the last end-of-turn
+    ids, mask = ids[:end], mask[:end]                   # token (ChatML's newline) is never learned: drop it
     if len(ids) > max_len:
-        # The last response is the trailing run of loss tokens (content + <|end|>), after its role token.
+        # The last response is the trailing run of loss tokens (content + end-of-turn), after the assistant
+        # header (one role token for lmforge, `<|im_start|>assistant\n` for ChatML, four tokens for Llama 3).
         response = len(mask) - next(i for i in range(len(mask) - 1, -1, -1) if mask[i] == 0) - 1
-        if 1 + 1 + response > max_len:  # BOS + <|assistant|> + response
+        header = len(render_prompt(tok, messages[:last])) - len(render(tok, messages[:last])[0])
+        bos = 1 if tok.special.bos is not None and ids[0] == tok.special.bos else 0
+        if bos + header + response > max_len:
             return None
-        keep = max_len - 1
-        ids, mask = ids[:1] + ids[-keep:], mask[:1] + mask[-keep:]
+        keep = max_len - bos
+        ids, mask = ids[:bos] + ids[-keep:], mask[:bos] + mask[-keep:]
     return ids, [t if m else IGNORE for t, m in zip(ids, mask)]
 
 
@@ -321,7 +327,8 @@ def sample_prompts(tok: Tokenizer, records: list[list[dict]], n: int, max_len: i
         last = _last_assistant(messages)
         ids = render_prompt(tok, messages[:last])
         if len(ids) > max_len - 1:  # same policy as training: keep BOS, lose the oldest prompt tokens
-            ids = ids[:1] + ids[len(ids) - (max_len - 2):]
+            bos = 1 if tok.special.bos is not None and ids[0] == tok.special.bos else 0
+            ids = ids[:bos] + ids[len(ids) - (max_len - 1 - bos):]
         out.append((ids, messages[last]["content"]))
     return out
 
