@@ -226,7 +226,7 @@ class Tokenizer:
         return bos + self.encode(text) + [self.special.eos]
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of plain text; special-token strings inside user text are NOT turned into specials."""
+        """Token ids of text, with no BOS/EOS added (special-token strings in the text do become those tokens)."""
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
