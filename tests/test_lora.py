@@ -9,7 +9,7 @@ from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.config import load_config
 from lmforge.errors import LmforgeError
 from lmforge.lora import (LINEAR_NAMES, LoraConfig, LoRALinear, apply_lora, check_resume_rank, has_lora,
-                          load_lora_state_dict, load_trainable_state_dict, lora_state_dict, merge_lora, merged_copy,
+                          load_trainable_state_dict, merge_lora, merged_copy,
                           plain_model, trainable_state_dict)
 from lmforge.training import OptimConfig, build_optimizer
 from lmforge.model import Transformer
@@ -89,10 +89,10 @@ def test_merged_checkpoint_round_trip_and_adapter_state(tmp_path, tok):
                                    atol=1e-5, rtol=1e-5)
     other = _model(vocab_size=tok.vocab_size)
     apply_lora(other, LoraConfig(rank=2, targets=["all-linear"]))
-    load_lora_state_dict(other, lora_state_dict(model))
+    load_trainable_state_dict(other, trainable_state_dict(model))
     torch.testing.assert_close(other(IDS, attention_mask=MASK), model(IDS, attention_mask=MASK), atol=0, rtol=0)
     with pytest.raises(LmforgeError, match="does not match"):
-        load_lora_state_dict(_lora(rank=2, targets=["q_proj"]), lora_state_dict(model))
+        load_trainable_state_dict(_lora(rank=2, targets=["q_proj"]), trainable_state_dict(model))
 
 
 def _lora(**kw):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge.chat import stop_ids
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer, rope_inv_freq
 from lmforge.tokenizer import Tokenizer
@@ -52,7 +53,7 @@ def _hf_fields(model: Transformer, tok: Tokenizer) -> dict:
         "hidden_act": "silu",
         "attention_bias": c.o_proj_bias,
         "bos_token_id": tok.special.bos,
-        "eos_token_id": stop_token_ids(tok),
+        "eos_token_id": stop_ids(tok),
         "pad_token_id": tok.special.pad,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
@@ -61,11 +62,6 @@ def _hf_fields(model: Transformer, tok: Tokenizer) -> dict:
     if model.head == "scalar":
         fields.update(num_labels=1, id2label={"0": "score"}, label2id={"score": 0})
     return fields
-
-
-def stop_token_ids(tok: Tokenizer) -> list[int]:
-    """End-of-turn and EOS: where generation stops (generation_config.json's eos_token_id)."""
-    return sorted({tok.special.end, tok.special.eos})
 
 
 def atomic_directory_write(target: Path, write_fn) -> None:
@@ -107,10 +103,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
         return gguf_checkpoint(spec[5:])
     if spec.startswith("hf:"):
-        path = Path(spec[3:])
-        if not (path / CONFIG_FILE).is_file():
-            raise LmforgeError(f"{path}: not a Hugging Face model folder (no {CONFIG_FILE})")
-        return path
+        from lmforge.hf import model_source_path
+
+        return model_source_path(spec)
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         return path
@@ -134,7 +129,7 @@ def save_checkpoint(path: str | Path, model: Transformer, tok: Tokenizer, meta: 
         # transformers' logits are the raw score; this is the normalisation every lmforge consumer applies.
         config["reward_normalization"] = {"mean": meta["reward_mean"], "std": meta.get("reward_std", 1.0),
                                           "normalized_score": "(logits - mean) / std"}
-    generation = {"bos_token_id": tok.special.bos, "eos_token_id": stop_token_ids(tok),
+    generation = {"bos_token_id": tok.special.bos, "eos_token_id": stop_ids(tok),
                   "pad_token_id": tok.special.pad}
 
     def write(tmp: Path):

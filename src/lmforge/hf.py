@@ -163,7 +163,6 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -
                            "no Llama-architecture encoder class that computes it")
     if model.head == "both":
         raise LmforgeError(f"{src}: a model with both an LM and a scalar head has no single transformers class")
-    meta = {k: v for k, v in meta.items() if k not in ("head", "tokenizer_fingerprint")}
     save_checkpoint(out, model.to(DTYPES[dtype]), tok, {**meta, "exported_from": str(src)})
     return {"out": str(out), "head": model.head, "dtype": dtype}
 
@@ -189,18 +188,14 @@ def _need(cfg, *keys: str) -> None:
             raise LmforgeError(f"config key '{k}' is required")
 
 
-def _run_import_hf(cfg: ImportConfig) -> None:
-    _need(cfg, "path", "out")
-    s = import_hf(cfg.path, cfg.out)
-    print(f"import: {s['params'] / 1e6:.1f}M parameters ({s['layers']} layers x {s['hidden_size']}), "
-          f"vocabulary {s['vocab_size']} -> {s['out']}")
-
-
-def _run_import_gguf(cfg: ImportConfig) -> None:
-    _need(cfg, "path", "out")
-    s = convert_gguf(cfg.path, cfg.out)
-    print(f"import: {s['params'] / 1e6:.1f}M parameters ({s['layers']} layers x {s['hidden_size']}), "
-          f"vocabulary {s['vocab_size']} -> {s['out']}")
+def _importer(convert):
+    """The run function of `lmforge import hf|gguf`: convert(path, out) -> summary, printed in one line."""
+    def run(cfg: ImportConfig) -> None:
+        _need(cfg, "path", "out")
+        s = convert(cfg.path, cfg.out)
+        print(f"import: {s['params'] / 1e6:.1f}M parameters ({s['layers']} layers x {s['hidden_size']}), "
+              f"vocabulary {s['vocab_size']} -> {s['out']}")
+    return run
 
 
 def _run_export(cfg: ExportConfig) -> None:
@@ -212,11 +207,11 @@ def _run_export(cfg: ExportConfig) -> None:
 
 _OUT = Flag("--out", "out", "output directory")
 IMPORT_HF = Command("lmforge import hf", "Import a Hugging Face transformers folder (Llama family, Mistral without "
-                    "sliding window, Qwen2) as an lmforge checkpoint.", ImportConfig, _run_import_hf,
+                    "sliding window, Qwen2) as an lmforge checkpoint.", ImportConfig, _importer(import_hf),
                     flags=(_OUT,), positional=Flag("PATH", "path", "the transformers folder"),
                     examples=("lmforge import hf ~/models/SmolLM2-135M-Instruct --out runs/smollm2",))
 IMPORT_GGUF = Command("lmforge import gguf", "Import a GGUF file (llama.cpp; Llama family or Qwen2) as an lmforge "
-                      "checkpoint, dequantised to fp32 (needs transformers and gguf).", ImportConfig, _run_import_gguf,
+                      "checkpoint, dequantised to fp32 (needs transformers and gguf).", ImportConfig, _importer(convert_gguf),
                       flags=(_OUT,), positional=Flag("FILE", "path", "the .gguf file"),
                       examples=("lmforge import gguf SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2",))
 EXPORT_HF = Command("lmforge export hf", "Export a checkpoint as a transformers folder (AutoModelForCausalLM, or "

@@ -105,23 +105,6 @@ def apply_lora(model: Transformer, cfg: LoraConfig, keep_trainable: tuple[str, .
     return wrapped
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors only (name -> tensor), e.g. to resume training."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
-
-
-def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load adapter tensors saved by `lora_state_dict` into a model already wrapped by `apply_lora`."""
-    own = dict(model.named_parameters())
-    missing = [k for k in own if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B") and k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise LmforgeError(f"LoRA adapter does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v)
-
-
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable tensor (adapters and any head kept trainable), on CPU: what a LoRA resume needs besides
     the frozen base weights, which come from the run's init checkpoint."""
@@ -133,8 +116,8 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) 
     own = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if own.keys() != state.keys():
         missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-        raise LmforgeError(f"saved trainable weights do not match the model (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+        raise LmforgeError(f"saved trainable weights do not match the model: its LoRA set-up (targets, rank, layers) "
+                           f"does not match the saved one (missing {missing[:3]}, unexpected {unexpected[:3]})")
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)

@@ -109,6 +109,11 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _has_lmforge_specials(hf_tokenizer) -> bool:
+    """Whether a `tokenizers.Tokenizer` is lmforge's own (it holds every lmforge special token)."""
+    return all(hf_tokenizer.token_to_id(t) is not None for t in SPECIAL_TOKENS)
+
+
 def lmforge_tokenizer_config() -> dict:
     """tokenizer_config.json of an lmforge tokenizer (the fields transformers reads)."""
     return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
@@ -130,7 +135,7 @@ class Tokenizer:
             raise LmforgeError(f"{source}: tokenizer has no chat template (tokenizer_config.json 'chat_template' "
                                "or chat_template.jinja)")
         self.vocab_size = hf_tokenizer.get_vocab_size()
-        self.is_lmforge = all(hf_tokenizer.token_to_id(t) is not None for t in SPECIAL_TOKENS)
+        self.is_lmforge = _has_lmforge_specials(hf_tokenizer)
 
         def tid(key: str) -> int | None:
             text = _token_text(self.config.get(key))
@@ -197,7 +202,7 @@ class Tokenizer:
                 raise LmforgeError(f"{config_file}: invalid JSON ({e})") from None
             if not isinstance(config, dict):
                 raise LmforgeError(f"{config_file}: expected a JSON object")
-        elif not all(hf.token_to_id(t) is not None for t in SPECIAL_TOKENS):
+        elif not _has_lmforge_specials(hf):
             raise LmforgeError(f"{config_file}: not found (a tokenizer other than lmforge's needs it for its "
                                "special tokens and chat template)")
         if template_file.is_file():  # transformers >= 4.43 may keep the template in its own file

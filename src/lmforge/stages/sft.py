@@ -50,9 +50,10 @@ from lmforge.generation import SamplingParams, generate
 from lmforge.lora import (
     LoraConfig,
     apply_lora,
-    load_lora_state_dict,
-    lora_state_dict,
+    check_resume_rank,
+    load_trainable_state_dict,
     merged_copy,
+    trainable_state_dict,
 )
 from lmforge.tokenizer import Tokenizer, check_same_tokenizer
 from lmforge.training import (
@@ -391,8 +392,7 @@ def _check_resume(out: Path, cfg: SFTConfig, tok: Tokenizer) -> None:
         raise LmforgeError(f"{out}: cannot resume: not an SFT run from init {cfg.init}")
     check_same_tokenizer(meta.get("tokenizer_fingerprint"), tok.fingerprint(), f"the checkpoint in {out}",
                          f"config key 'init' ({cfg.init})")
-    if meta.get("lora_rank", 0) != cfg.lora.rank:
-        raise LmforgeError(f"{out}: cannot resume: config key 'lora.rank' differs (checkpoint {meta.get('lora_rank')})")
+    check_resume_rank(out, meta, "lora", cfg.lora.rank)
 
 
 def _evaluate(m, tok: Tokenizer, data: dict, cfg: SFTConfig, out: Path, dist_info, step: int) -> dict:
@@ -426,7 +426,7 @@ def _train(cfg: SFTConfig, model, tok: Tokenizer, data: dict, batches, optim, st
 
     def save(m, training_state: dict, final: bool) -> None:
         if cfg.lora.rank:  # the checkpoint is a plain model with the adapters merged in
-            training_state = {**training_state, "lora": lora_state_dict(m)}
+            training_state = {**training_state, "lora": trainable_state_dict(m)}
             m = merged_copy(m)
         save_checkpoint(out, m, tok, meta={**meta, "step": training_state["step"]}, training_state=training_state)
 
@@ -481,7 +481,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict
     if cfg.lora.rank:  # base weights frozen; on resume the adapters come from the training state
         apply_lora(model, cfg.lora)
         if state is not None:
-            load_lora_state_dict(model, state["lora"])
+            load_trainable_state_dict(model, state["lora"])
     model.to(device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with rundir.active(int(state["step"]) if state else 0):
