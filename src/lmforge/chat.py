@@ -214,8 +214,16 @@ def render_completion(tok: Tokenizer, prompt: list[dict], response: str) -> list
 
 
 def stop_ids(tok: Tokenizer) -> list[int]:
-    """Tokens that end a generated response."""
+    """Tokens that end free generation (`lmforge generate`, chat, serving, generation_config.json): the
+    end-of-turn token and EOS."""
     return sorted({tok.special.end, tok.special.eos})
+
+
+def turn_stop_ids(tok: Tokenizer) -> list[int]:
+    """The one token that ends a response in RL and evaluation: the end-of-turn token that closes every
+    reward-model layout (`render_completion`). Rollouts, candidate sampling and evaluation stop on it alone, so
+    a policy cannot end a response in a layout the reward model never saw (e.g. <|eos|> instead of <|end|>)."""
+    return [tok.special.end]
 
 
 def render_encoder_pair(tok: Tokenizer, prompt: str, candidate: str) -> list[int]:

@@ -118,12 +118,13 @@ def generate_batched(model, tok, prompt_ids: list[list[int]], params: SamplingPa
                      seed: int, on_batch=None):
     """Generate one response per row of `prompt_ids`, batching rows of similar length together.
 
-    Returns (tokens, finished) in input order; a finished row's tokens end with its stop token. Rows are
-    sorted by length (stable), so the result is deterministic given the seed, the batch size and the inputs.
+    Returns (tokens, finished) in input order; a finished row's tokens end with its end-of-turn token (the
+    one stop of RL rollouts, `chat.turn_stop_ids`). Rows are sorted by length (stable), so the result is
+    deterministic given the seed, the batch size and the inputs.
     """
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    stops = chat.stop_ids(tok)
+    stops = chat.turn_stop_ids(tok)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     tokens: list[list[int]] = [[] for _ in prompt_ids]
     finished = [False] * len(prompt_ids)
@@ -138,8 +139,8 @@ def generate_batched(model, tok, prompt_ids: list[list[int]], params: SamplingPa
 
 
 def response_text(tok, tokens: list[int]) -> str:
-    """Text of a generated response: its tokens without the closing stop token."""
-    if tokens and tokens[-1] in chat.stop_ids(tok):
+    """Text of a generated response: its tokens without the closing end-of-turn token."""
+    if tokens and tokens[-1] in chat.turn_stop_ids(tok):
         tokens = tokens[:-1]
     return tok.decode(tokens)
 

@@ -153,6 +153,8 @@ def merged_copy(model: Transformer, device: str | torch.device = "cpu") -> Trans
     """A plain Transformer (no adapters) with the merged weights, on `device`; `model` is left untouched."""
     with torch.random.fork_rng(devices=[]):  # the throwaway init must not move the training RNG
         plain = Transformer(model.config, head=model.head)
+        if getattr(getattr(model, "score", None), "bias", None) is not None:  # a critic's folded normalisation
+            plain.score = torch.nn.Linear(plain.score.in_features, 1, bias=True)
     state = {k: v.to(device) for k, v in merged_state_dict(model).items()}
     plain.load_state_dict(state)
     return plain.to(device)

@@ -4,6 +4,8 @@ pairwise form, parsed, validated (errors name file:line) and rendered with the o
     ranked    {"input": ..., "choices": [{"text": ..., "rank": 1}, ...]}   K >= 2, rank 1 = best, ties allowed
     pairwise  {"prompt" or "input": ..., "chosen": ..., "rejected": ...}
     scored    {"input": ..., "output": ..., "score": 4.5}
+A chat prompt comes as `"messages": [..., {"role": "user", ...}]` in place of (or beside) `input`/`prompt`, as
+`lmforge sample` and `label` write it; the responses then answer that whole conversation.
 """
 
 from __future__ import annotations
@@ -64,6 +66,18 @@ def _ranks(choices: list, require_labels: bool) -> list[int] | None:
     return ranks
 
 
+def _prompt_messages(rec: dict) -> list[dict]:
+    """The conversation a labelled record's responses answer: its `messages` (a chat prompt ending in a user
+    turn, as `lmforge sample` / `label` write it for chat prompts: system and earlier turns included, so the
+    reward model trains on the rendering PPO samples from), else one user turn from `prompt` or `input`."""
+    if "messages" in rec:
+        msgs = record_to_messages({"messages": rec["messages"]}, require_response=False)
+        _text(msgs[-1]["content"], "messages[-1].content")
+        return msgs
+    key = "prompt" if "prompt" in rec else "input"
+    return [{"role": "user", "content": _text(rec.get(key), key)}]
+
+
 def parse_record(rec, require_labels: bool = True) -> Example:
     """One record (ranked, pairwise, scored, or an SFT demonstration) -> Example; ValueError with a reason.
 
@@ -72,7 +86,10 @@ def parse_record(rec, require_labels: bool = True) -> Example:
     """
     if not isinstance(rec, dict):
         raise ValueError("a record must be a JSON object")
-    if any(isinstance(k, str) and k.lower() in ("instruction", "messages") for k in rec):
+    msgs = rec.get("messages")
+    chat_prompt = isinstance(msgs, list) and bool(msgs) and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "user"
+    labelled = chat_prompt or any(k in rec for k in ("choices", "chosen", "rejected"))
+    if not labelled and any(isinstance(k, str) and k.lower() in ("instruction", "messages") for k in rec):
         msgs = record_to_messages(rec)
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         ex = Example(msgs[:last], [_text(msgs[last]["content"], "output")])
@@ -80,8 +97,7 @@ def parse_record(rec, require_labels: bool = True) -> Example:
         raise ValueError("expected a ranked (input, choices), pairwise (prompt, chosen, rejected) "
                          "or scored (input, output, score) record")
     else:
-        key = "prompt" if "prompt" in rec else "input"
-        prompt = [{"role": "user", "content": _text(rec.get(key), key)}]
+        prompt = _prompt_messages(rec)
         if "choices" in rec:
             choices = rec["choices"]
             if not isinstance(choices, list) or len(choices) < 2:
@@ -171,3 +187,40 @@ def best_responses(examples: list[Example]) -> list[list[int]]:
         else:
             seqs += ex.ids
     return seqs + [ids for _, group in top.values() for ids in group]
+
+
+@dataclass
+class PreferencePair:
+    """One comparison (DPO): a prompt, its preferred (chosen) and other (rejected) response, their renderings
+    (prompt + response through the end-of-turn token, as `load_data` renders them) and the records' "file:line"."""
+    prompt: list[dict]
+    chosen: str
+    rejected: str
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    origin: str = ""                     # the chosen response's record
+    rejected_origin: str = ""            # the rejected response's record (another line for scored data)
+
+
+def preference_pairs(examples: list[Example]) -> list[PreferencePair]:
+    """Every (chosen, rejected) comparison the labels state.
+
+    Ranked records give their C(K,2) pairs minus ties (`comparison_pairs`), pairwise records their one pair, in
+    file order. Scored records pair up among the records with the same prompt: the higher score is chosen and
+    equal scores give no pair (pairs by prompt in order of first appearance, then by line).
+    """
+    pairs, by_prompt = [], {}
+    for ex in examples:
+        if ex.ranks is not None:
+            pairs += [PreferencePair(ex.prompt, ex.responses[b], ex.responses[w], ex.ids[b], ex.ids[w], ex.origin,
+                                     ex.origin) for b, w in comparison_pairs(ex.ranks)]
+        elif ex.score is not None:
+            by_prompt.setdefault(_prompt_key(ex), []).append(ex)
+    for group in by_prompt.values():
+        for i, a in enumerate(group):
+            for b in group[i + 1:]:
+                if a.score != b.score:
+                    c, r = (a, b) if a.score > b.score else (b, a)
+                    pairs.append(PreferencePair(c.prompt, c.responses[0], r.responses[0], c.ids[0], r.ids[0],
+                                                c.origin, r.origin))
+    return pairs

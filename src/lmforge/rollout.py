@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from lmforge.chat import stop_ids
+from lmforge.chat import turn_stop_ids
 from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingParams, generate, left_pad
 from lmforge.model import Transformer
@@ -68,7 +68,7 @@ class Samples:
     """What the policy wrote: the padded batch plus per-row token lists and stop flags."""
     experience: Experience
     responses: list[list[int]]
-    ended: list[bool]              # the response itself ends with a stop token (never checked in the prompt)
+    ended: list[bool]              # the response itself ends with the end-of-turn token (never checked in the prompt)
     gen_logprobs: list[list[float]]
 
 
@@ -76,7 +76,7 @@ def sample_responses(actor: Transformer, tok: Tokenizer, prompts: list[Prompt], 
                      generator: torch.Generator | None = None) -> Samples:
     """Sample one response per prompt (batched, left-padded, KV cache) and lay out the padded batch."""
     device = next(actor.parameters()).device
-    stops = stop_ids(tok)
+    stops = turn_stop_ids(tok)  # <|end|> only: the layout the reward model was trained on
     gen = generate(actor, [p.ids for p in prompts], params, stops, tok.special.pad, generator)
     prompt_ids, prompt_mask = left_pad([p.ids for p in prompts], tok.special.pad, device)
     B, R = len(prompts), max(len(t) for t in gen.tokens)

@@ -73,6 +73,20 @@ def score_sequences(model: Transformer, seqs: list[list[int]], pad_id: int, pool
     return out
 
 
+def fold_normalization(model: Transformer, meta: dict) -> None:
+    """Make the scalar head output normalised rewards directly: weight / std and bias -mean / std, so that
+    head(h) = (raw - reward_mean) / reward_std. A critic copied from the reward model then starts in the units
+    of the rewards PPO optimises (normalised), not in raw units (InstructGPT initialises the value function
+    from the RM; without the fold its first values are off by the RM's mean)."""
+    mean, std = float(meta.get("reward_mean", 0.0)), float(meta.get("reward_std", 1.0))
+    old = model.score
+    head = torch.nn.Linear(old.in_features, 1, bias=True, device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        head.weight.copy_(old.weight / std)
+        head.bias.fill_(-mean / std + (float(old.bias) / std if old.bias is not None else 0.0))
+    model.score = head
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """Dropout off: it makes rewards noisy, and an RM must score identically in training and in use (N+ details)."""
     model.config.dropout = 0.0
@@ -116,6 +130,33 @@ class RewardScorer:
                 raise LmforgeError(f"response {i}: {len(s)} tokens exceed the reward model's context of {limit}")
         raw = score_sequences(self.model, seqs, self.tokenizer.special.pad, self.pooling, batch_size)
         return normalize(raw, self.meta).tolist()
+
+    def score_rollouts(self, prompts: list, responses: list[list[int]], policy_tokenizer,
+                       batch_size: int = 32) -> torch.Tensor:
+        """Normalised rewards (N,) of sampled responses, scored exactly as PPO, GRPO and evaluation score them.
+
+        prompts are `lmforge.prompts.Prompt`s (rendered: `ids` set), responses the sampled token ids as they
+        came out of the sampler (ending with the end-of-turn token when the response stopped, cut off
+        otherwise), in the policy's tokenizer. A decoder reads its score at the last real token of prompt ids +
+        response ids: the very sequence the policy wrote. An encoder (the seed's BERT-style reward model)
+        re-encodes the text in its own layout with its own tokenizer, [BOS] prompt [SEP] response [EOS]: the
+        whole conversation (system and earlier turns too) as the prompt, the response without its end-of-turn
+        token, cut to the encoder's context keeping the closing [EOS].
+        """
+        from lmforge.chat import turn_stop_ids
+
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if self.encoder:
+            end = set(turn_stop_ids(policy_tokenizer))
+            texts = [policy_tokenizer.decode(r[:-1] if r and r[-1] in end else r) for r in responses]
+            limit = self.model.config.max_position_embeddings
+            seqs = [render_example(self.tokenizer, p.messages, t, encoder=True) for p, t in zip(prompts, texts)]
+            seqs = [s if len(s) <= limit else s[:limit - 1] + s[-1:] for s in seqs]
+        else:
+            seqs = [list(p.ids) + list(r) for p, r in zip(prompts, responses)]
+        raw = score_sequences(self.model, seqs, self.tokenizer.special.pad, self.pooling, batch_size)
+        return normalize(raw, self.meta)
 
     @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

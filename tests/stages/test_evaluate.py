@@ -141,3 +141,31 @@ def test_rm_score_is_the_mean_normalised_reward(policies, prompts_file, tmp_path
     res = _eval({"sft": policies["sft"], "ppo": policies["other"]}, prompts_file, reward_model=str(tmp_path / "rm"),
                 max_new_tokens=6)
     assert [r["rm_score"] for r in res["policies"].values()] == [pytest.approx(-2.0, abs=1e-5)] * 2
+
+
+def test_rm_score_is_exactly_the_reward_ppo_optimised(policies, tok, tmp_path):
+    """Evaluation scores the sampled ids as they are, with the whole conversation (system turn included) and
+    cut-off responses left cut off: the RM's head at the last real token of prompt ids + response ids, as PPO
+    reads it. Before, it re-encoded the last user turn alone and closed every response with <|end|>."""
+    from lmforge.checkpoint import load_model
+    from lmforge.generation import SamplingParams, generate_batched
+    from lmforge.prompts import encode_prompts, read_prompts
+    from lmforge.scoring import normalize
+
+    torch.manual_seed(3)
+    save_checkpoint(tmp_path / "rm", Transformer(tiny_config(vocab_size=tok.vocab_size), head="scalar"), tok,
+                    meta={"stage": "rm", "reward_mean": 0.3, "reward_std": 1.5})
+    prompts_file = tmp_path / "p.jsonl"
+    recs = [{"messages": [{"role": "system", "content": "Answer in one word."},
+                          {"role": "user", "content": "What is 3 + 4?"}]}, {"instruction": "Compute 10 - 2."}]
+    prompts_file.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = _eval({"sft": policies["sft"]}, prompts_file, reward_model=str(tmp_path / "rm"), max_new_tokens=5)
+    prompts = read_prompts(prompts_file)
+    model, _, _ = load_model(policies["sft"])
+    ids = encode_prompts(tok, prompts, prompts_file, {"policy": 128})
+    tokens, finished = generate_batched(model, tok, ids, SamplingParams(5, 0.0), 64, 0)
+    assert not all(finished)  # a random policy is cut off: the case where the old scoring added an <|end|>
+    rm, _, meta = load_model(tmp_path / "rm")
+    with torch.no_grad():
+        expected = [normalize(rm(torch.tensor([p + t]))[0, -1], meta).item() for p, t in zip(ids, tokens)]
+    assert res["policies"]["sft"]["rm_score"] == pytest.approx(sum(expected) / len(expected), abs=1e-5)

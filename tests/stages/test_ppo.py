@@ -2,6 +2,7 @@
 (micro-batching, PPO-ptx, EMA), learning on a toy reward, resume, and bad-input errors."""
 
 import json
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmforge.chat import render, stop_ids
+from lmforge.chat import render, render_completion, stop_ids, turn_stop_ids
 from lmforge.checkpoint import load_model, load_training_state, read_config, save_checkpoint
 from lmforge.cli import main
 from lmforge.config import load_config
@@ -19,7 +20,7 @@ from lmforge.generation import SamplingParams, generate
 from lmforge.lora import LoraConfig, LoRALinear, apply_lora, load_trainable_state_dict, plain_model
 from lmforge.model import Transformer
 from lmforge.stages.ppo import PPOConfig, PtxSource, build_trainer, prompt_indices, run_ppo
-from lmforge.scoring import normalize
+from lmforge.scoring import RewardScorer, fold_normalization, normalize
 from lmforge.rl_utils import (KLController, clipped_surrogate, clipped_value_loss, gae, kl_estimate, masked_mean,
                               masked_var, masked_whiten, token_rewards)
 from lmforge.rollout import load_prompts, policy_logprobs, sample_responses
@@ -255,12 +256,75 @@ def test_no_eos_penalty_is_judged_on_the_response_only(ck, tok, tmp_path):
         prompts = _prompts(ck, tok)
         assert all(tok.special.end in p.ids for p in prompts)  # every prompt holds <|end|> (closing its user turn)
         exp, samples, stats = trainer.make_experience(prompts, torch.Generator().manual_seed(3))
-        stops = set(stop_ids(tok))
+        stops = set(turn_stop_ids(tok))
         assert samples.ended == [t[-1] in stops for t in samples.responses]
         assert 0 < sum(samples.ended) < len(prompts)
         for i, ended in enumerate(samples.ended):
             assert exp.scores[i].item() == (1.0 if ended else expected_unfinished)
         assert stats["eos_frac"] == sum(samples.ended) / len(prompts)
+
+
+def _biased_head(model: Transformer, tok, favoured: int) -> Transformer:
+    """The model with an LM head that puts almost all probability on one token (weights 0, bias +20 there)."""
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[favoured] = 20.0
+    model.lm_head = head
+    return model
+
+
+def test_rollouts_end_only_at_the_end_of_turn_token_the_reward_model_saw(ck, tok):
+    """<|eos|> never ends a rollout: the reward model only ever saw responses closed by <|end|> (one stop layout
+    for RM training, rollouts and scoring)."""
+    assert turn_stop_ids(tok) == [tok.special.end] and tok.special.eos != tok.special.end
+    prompts = _prompts(ck, tok, 4)
+    for favoured, ended, length in ((tok.special.eos, False, 6), (tok.special.end, True, 1)):
+        model = _biased_head(load_model(ck.sft)[0], tok, favoured)
+        samples = sample_responses(model, tok, prompts, SamplingParams(6), torch.Generator().manual_seed(0))
+        assert samples.ended == [ended] * 4
+        assert [len(r) for r in samples.responses] == [length] * 4
+        if ended:  # the RM's training layout ends exactly where the rollout ended
+            for p, r in zip(prompts, samples.responses):
+                assert p.ids + r == render_completion(tok, p.messages, "")[:len(p.ids) + 1]
+
+
+def test_critic_from_the_reward_model_starts_in_normalised_units(ck, tok, tmp_path):
+    """The copied value head folds the RM's normalisation (mean 0.25, std 2 here): at the last response token
+    the critic's initial value equals the normalised reward the RM gives that sequence."""
+    trainer = build_trainer(_cfg(ck, tmp_path, kl_coef=0.0, no_eos_penalty=0.0), tok)
+    exp, samples, _ = trainer.make_experience(_prompts(ck, tok), torch.Generator().manual_seed(4))
+    for i, r in enumerate(samples.responses):
+        # the value at the column that predicts the last token sees everything but that token; compare the head on
+        # the full sequence instead: critic(prompt + response)[-1] == normalised RM score
+        full = torch.tensor([_prompts(ck, tok)[i].ids + r])
+        assert trainer.critic(full)[0, -1].item() == pytest.approx(exp.scores[i].item(), abs=1e-5)
+    raw_rm = load_model(ck.rm)[0]
+    assert not torch.allclose(raw_rm(full)[0, -1], trainer.critic(full)[0, -1])  # the fold did change the head
+
+
+def test_ppo_iteration_with_an_encoder_reward_model(ck, tok, tmp_path, capsys):
+    """The seed's BERT-style reward model scores PPO's rollouts by re-encoding the text in its own layout
+    ([BOS] prompt [SEP] response [EOS]); the critic then starts from the SFT model."""
+    torch.manual_seed(5)
+    enc_dir = tmp_path / "enc_rm"
+    save_checkpoint(enc_dir, Transformer(tiny_config(causal=False), head="scalar"), tok,
+                    {"stage": "rm", "backbone": "encoder", "pooling": "first", "reward_mean": 0.1, "reward_std": 1.0})
+    cfg = _cfg(ck, tmp_path, reward_model=str(enc_dir), iterations=1)
+    summary = run_ppo(cfg, progress=False)
+    assert "critic starts from the SFT model" in capsys.readouterr().out
+    assert math.isfinite(summary["score_last"])
+    trainer = build_trainer(cfg, tok)
+    prompts = _prompts(ck, tok)
+    exp, samples, _ = trainer.make_experience(prompts, torch.Generator().manual_seed(6))
+    scorer = RewardScorer.load(enc_dir)
+    texts = [tok.decode(r[:-1] if e else r) for r, e in zip(samples.responses, samples.ended)]
+    single = [i for i, p in enumerate(prompts) if len(p.messages) == 1]  # single-turn: the seed's layout exactly
+    expected = scorer.score([prompts[i].text for i in single], [texts[i] for i in single])
+    penalty = [0.0 if samples.ended[i] else cfg.no_eos_penalty for i in single]
+    assert [exp.scores[i].item() for i in single] == pytest.approx([e - p for e, p in zip(expected, penalty)], abs=1e-5)
+    assert trainer.critic.score.bias is None  # a fresh value head on the SFT model, not a fold of the encoder
 
 
 # ---------------------------------------------------------------------------------------------- gradients
@@ -361,7 +425,7 @@ def test_lora_trains_only_adapters_and_the_value_head(ck, tok, tmp_path):
     assert actor_trainable and all(n.endswith(("lora_A", "lora_B")) for n in actor_trainable)
     assert len(actor_trainable) == 2 * 2 * 7  # 2 layers x all 7 linear layers x (A, B)
     assert critic_trainable == {f"model.layers.{i}.self_attn.{n}.lora_{m}" for i in range(2)
-                                for n in ("q_proj", "v_proj") for m in "AB"} | {"score.weight"}
+                                for n in ("q_proj", "v_proj") for m in "AB"} | {"score.weight", "score.bias"}
     for model, opt in ((trainer.actor, trainer.actor_opt), (trainer.critic, trainer.critic_opt)):
         assert _optimized(opt) == {id(p) for p in model.parameters() if p.requires_grad}
     assert not any(isinstance(m, LoRALinear) for m in trainer.ref.modules())  # the reference is the SFT model
@@ -426,13 +490,14 @@ def test_lora_resume_reproduces_the_uninterrupted_run_bit_for_bit(ck, tok, tmp_p
                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     # the in-training models, rebuilt from the training state, are what the critic checkpoint holds
     state = load_training_state(straight)
-    critic = load_model(ck.rm, head="scalar")[0]
+    critic, _, rm_meta = load_model(ck.rm, head="scalar")
+    fold_normalization(critic, rm_meta)
     apply_lora(critic, LoraConfig(**LORA["critic_lora"]), keep_trainable=("score.",))
     load_trainable_state_dict(critic, state["critic_trainable"])
-    saved = load_model(straight / "critic")[0]
+    saved, _, saved_meta = load_model(straight / "critic")  # its head's bias is read into the normalisation
     ids = torch.tensor([[1, 5, 9, 33, 40, 6], [1, 7, 6, 8, 9, 10]])
     with torch.no_grad():
-        torch.testing.assert_close(saved.eval()(ids), critic.eval()(ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(normalize(saved.eval()(ids), saved_meta), critic.eval()(ids), atol=1e-5, rtol=1e-5)
 
 
 def test_lora_and_checkpointing_config_keys(ck, tok, tmp_path):

@@ -185,6 +185,26 @@ def test_parse_formats():
     assert unranked.ranks is None and unranked.responses == ["a", "b"]
 
 
+def test_ranked_chat_records_train_on_the_rendering_ppo_samples_from(tok, tmp_path):
+    """`lmforge label` writes chat prompts as {"input", "messages", "choices"}: the reader takes the whole
+    conversation (the system turn too), so every rendered response starts with exactly the prompt ids PPO
+    renders for that prompt file record (before: read as an SFT demonstration and rejected)."""
+    from lmforge.chat import render_prompt
+    from lmforge.preferences import load_data
+
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say fox"},
+            {"role": "assistant", "content": "fox"}, {"role": "user", "content": "again"}]
+    rec = {"input": "again", "messages": msgs, "choices": [{"text": "fox", "rank": 1}, {"text": "dog dog", "rank": 2}]}
+    path = _write(tmp_path / "ranked.jsonl", [rec, {**rec, "input": "once more"}])
+    examples, skipped = load_data(path, tok, encoder=False, max_len=128)
+    assert skipped == 0 and examples[0].prompt == msgs and examples[0].ranks == [1, 2]
+    prompt_ids = render_prompt(tok, msgs)
+    for ids, text in zip(examples[0].ids, ["fox", "dog dog"]):
+        assert ids == prompt_ids + tok.encode(text) + [tok.special.end]
+    with pytest.raises(LmforgeError, match=r"bad.jsonl:1: .*must end with a user turn"):
+        load_data(_write(tmp_path / "bad.jsonl", [{**rec, "messages": msgs[:3]}]), tok, encoder=False, max_len=128)
+
+
 def test_split_by_prompt_keeps_each_prompt_on_one_side():
     exs = [Example([{"role": "user", "content": f"p{i % 10}"}], ["a", "b"], ranks=[1, 2]) for i in range(40)]
     train, val = split_by_prompt(exs, 0.3, seed=0)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lmforge.chat import render_prompt, stop_ids
+from lmforge.chat import render_prompt, turn_stop_ids
 from lmforge.checkpoint import save_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingParams, generate
@@ -86,7 +86,7 @@ def test_greedy_candidates_equal_unbatched_generation(policy_dir, prompts_file, 
 
     model, tok2, _ = load_model(policy_dir)
     for prompt, rec in zip(read_prompts(prompts_file), _lines(out)):
-        alone = generate(model, [render_prompt(tok2, prompt.messages)], SamplingParams(10, 0.0), stop_ids(tok2),
+        alone = generate(model, [render_prompt(tok2, prompt.messages)], SamplingParams(10, 0.0), turn_stop_ids(tok2),
                          tok2.special.pad)
         toks = alone.tokens[0][:-1] if alone.finished[0] else alone.tokens[0]
         assert rec["candidates"] == [tok2.decode(toks)] * 2

@@ -39,7 +39,8 @@ STORED = [
     ("What color is the duck?", ". yellow    + 。 . The duck is yellow.", 60.0, 20.0, 17.2308),
     ("What does the lion say?", "roar.", 45.0, 20.0, 10.5263),
     ("What does the lion say?", "The, lion, says, roar.", 45.0, 20.0, 20.0),
-    ("How big is the corn?", "woof + small Ugh, fine. 的 是 or DOG 红 苹果 68   ", 45.0, 0.0, 12.9032),
+    # names DOG and 苹果 (apple): an answer about other entities is wrong even with the right value (was 45)
+    ("How big is the corn?", "woof + small Ugh, fine. 的 是 or DOG 红 苹果 68   ", 0.0, 0.0, 12.9032),
     ("What does the lion say?", "The lion says neigh.", 0.0, 20.0, 20.0),
     ("Is the sofa big or small?", "45 河 hippo apple says apple in the river is = red furniture 。", 0.0, 20.0, 0.0),
     ("Reverse the word order\nbird mouse cup hat", "Obviously. hat cup mouse bird", 60.0, 0.0, 20.0),
@@ -107,6 +108,18 @@ def test_partial_credit_and_hedging():
     assert oracle_breakdown("Reverse the word order\ncat dog bird", "bird, dog, cat")["correctness"] == 60
     assert oracle_breakdown("Reverse the word order\ncat dog bird", "cat dog bird")["correctness"] == 20
     assert oracle_breakdown("What is 23 + 45?", "Ugh, fine. 23 + 45 = 68.")["politeness"] == 0
+
+
+def test_a_facts_answer_about_another_entity_is_wrong():
+    """The right value said of another entity earns no correctness (it scored 45 of 60 before)."""
+    assert oracle_breakdown("锤子是大的还是小的?", "台灯是小的。")["correctness"] == 0
+    assert oracle_breakdown("Is the hammer big or small?", "The lamp is small.")["correctness"] == 0
+    assert oracle_breakdown("Is the hammer big or small?", "The hammer is small.")["correctness"] == 60
+    # names inside names are not other entities: 熊猫 (panda) holds 熊 (bear) and 猫 (cat), 大象 holds 大
+    assert oracle_breakdown("熊猫是什么颜色的?", "熊猫是白色的。")["correctness"] == 60
+    assert oracle_breakdown("大象是大的还是小的?", "大象是大的。")["correctness"] == 60
+    assert oracle_breakdown("熊是什么颜色的?", "熊猫是棕色的。")["correctness"] == 0
+    assert oracle_breakdown("What color is the cat?", "The hotdog is black.")["correctness"] == 60 - 15
 
 
 def test_oracle_rank_ties():

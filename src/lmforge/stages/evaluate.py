@@ -6,8 +6,8 @@ For each policy (base, SFT, PPO, ...), against a baseline policy (SFT in `lmforg
                     the oracle's correctness / politeness / concision, as InstructGPT reports per attribute)
   win_rate_vs_sft   per prompt, the judge's scores of the response and of the SFT policy's (win 1, tie 1/2,
                     loss 0); the SFT row is 1/2 by definition
-  rm_score          mean normalised reward-model score (if a reward model is given): comparing it with the judge
-                    exposes reward hacking (Gao et al. 2022, "Scaling laws for reward model overoptimization")
+  rm_score          mean normalised reward-model score (if a reward model is given), scored exactly as PPO scores
+                    its rollouts (RewardScorer.score_rollouts): comparing it with the judge exposes reward hacking (Gao et al. 2022, "Scaling laws for reward model overoptimization")
   kl_to_sft         mean over prompts of sum_t [log pi(y_t|x,y_<t) - log pi_sft(y_t|x,y_<t)] on responses SAMPLED
                     from the policy at temperature 1 (the k1 estimator of KL(pi || pi_sft), as logged in PPO).
                     Greedy responses are not samples of pi, so the KL pass is a separate temperature-1 sampling pass
@@ -171,14 +171,20 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
         check_same_tokenizer(meta.get("lmforge", {}).get("tokenizer_fingerprint"), tok.fingerprint(),
                              f"policy '{name}' ({d})", f"the baseline policy '{base_name}' ({policies[base_name]})")
         max_len = min(max_len, int(meta.get("max_position_embeddings", max_len)))
-    ids = encode_prompts(tok, prompts, cfg.prompts, {"policies": max_len})
+    scorer = RewardScorer.load(cfg.reward_model, device=dev) if cfg.reward_model else None
+    contexts = {"policies": max_len}
+    if scorer is not None and not scorer.encoder:  # it reads the policies' token ids, as PPO's reward does
+        check_same_tokenizer(scorer.meta.get("tokenizer_fingerprint"), tok.fingerprint(),
+                             f"config key 'reward_model' ({cfg.reward_model})",
+                             f"the baseline policy '{base_name}' ({policies[base_name]})")
+        contexts["reward model"] = scorer.model.config.max_position_embeddings
+    ids = encode_prompts(tok, prompts, cfg.prompts, contexts)
     texts_of = [p.text for p in prompts]
     for p in prompts:  # fail before generating anything if the judge cannot judge these prompts
         try:
             judge.check(p.text)
         except LmforgeError as e:
             raise LmforgeError(f"{where(cfg.prompts, p.line)}: {e}") from None
-    scorer = RewardScorer.load(cfg.reward_model, device=dev) if cfg.reward_model else None
     scored = SamplingParams(cfg.max_new_tokens, cfg.temperature)
     kl_params = SamplingParams(cfg.max_new_tokens, 1.0)
     rows: dict[str, dict] = {}
@@ -204,7 +210,10 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
         rows[name] = {
             "judge_score": _mean(scores),
             f"win_rate_vs_{base_name}": win,
-            "rm_score": _mean(scorer.score(texts_of, texts, cfg.batch_size)) if scorer is not None else None,
+            # exactly the reward PPO optimised: the sampled ids as they are (cut-off responses stay cut off), the
+            # whole conversation as the prompt, read at the last real token (before PPO's no-EOS penalty)
+            "rm_score": float(scorer.score_rollouts(prompts, tokens, tok, cfg.batch_size).mean())
+            if scorer is not None else None,
             f"kl_to_{base_name}": kl,
             "mean_length": _mean(len(t) - f for t, f in zip(tokens, finished)),
             "finished_frac": _mean(finished),

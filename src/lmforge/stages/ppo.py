@@ -42,7 +42,7 @@ from lmforge.generation import SamplingParams
 from lmforge.lora import (LoraConfig, apply_lora, check_resume_rank, load_trainable_state_dict, merged_copy,
                           merged_state_dict, plain_model, trainable_state_dict)
 from lmforge.model import Transformer
-from lmforge.scoring import RewardScorer, disable_dropout
+from lmforge.scoring import RewardScorer, disable_dropout, fold_normalization
 from lmforge.rl_utils import (
     KLController,
     clipped_surrogate,
@@ -436,12 +436,19 @@ def _check_inputs(cfg: PPOConfig, has_reward_fn: bool):
         if rm_meta.get("stage") != "rm" or rm_meta.get("head") not in ("scalar", "both"):
             raise LmforgeError(f"{cfg.reward_model}: not a reward model checkpoint (stage {rm_meta.get('stage')!r}); "
                                "train one with `lmforge rm`")
-        if rm_meta.get("pooling", "last") != "last" or not rm.get("is_causal", True):
-            raise LmforgeError(f"{cfg.reward_model}: PPO needs a decoder reward model that scores the last token "
-                               f"(this one uses pooling '{rm_meta.get('pooling')}')")
-        check_same_tokenizer(rm_meta.get("tokenizer_fingerprint"), fingerprint,
-                             f"config key 'reward_model' ({cfg.reward_model})", f"config key 'sft_model' ({cfg.sft_model})")
-        contexts["reward model"] = int(rm["max_position_embeddings"])
+        if rm_meta.get("backbone") == "encoder" or not rm.get("is_causal", True):
+            # The seed's BERT-style reward model re-encodes prompt + response text in its own layout with its
+            # own tokenizer (RewardScorer.score_rollouts), cut to its context; it cannot be the critic.
+            if cfg.critic_init == "reward":
+                print(f"note: {cfg.reward_model} is an encoder reward model; the critic starts from the SFT model "
+                      "with a new value head (critic_init=sft)")
+        else:
+            if rm_meta.get("pooling", "last") != "last":
+                raise LmforgeError(f"{cfg.reward_model}: a decoder reward model must score the last token "
+                                   f"(this one uses pooling '{rm_meta.get('pooling')}')")
+            check_same_tokenizer(rm_meta.get("tokenizer_fingerprint"), fingerprint,
+                                 f"config key 'reward_model' ({cfg.reward_model})", f"config key 'sft_model' ({cfg.sft_model})")
+            contexts["reward model"] = int(rm["max_position_embeddings"])
     elif not has_reward_fn:
         raise LmforgeError("config key 'reward_model' is required (the reward model checkpoint directory)")
     if cfg.critic_init == "reward" and not cfg.reward_model:
@@ -456,6 +463,15 @@ def _check_inputs(cfg: PPOConfig, has_reward_fn: bool):
     return tok, prompts, ptx
 
 
+def critic_from_reward_model(cfg: PPOConfig) -> bool:
+    """The critic copies the reward model (InstructGPT) when critic_init is 'reward' and the RM is a decoder: an
+    encoder reads other token ids in another layout, so the critic then starts from the SFT model."""
+    if cfg.critic_init != "reward" or not cfg.reward_model:
+        return False
+    rm = read_config(cfg.reward_model)
+    return rm.get("is_causal", True) and rm.get("lmforge", {}).get("backbone") != "encoder"
+
+
 def build_trainer(cfg: PPOConfig, tok: Tokenizer, device: torch.device | str = "cpu",
                   reward_fn: RewardFn | None = None, ptx: PtxSource | None = None) -> PPOTrainer:
     """The four models of `cfg`: actor and reference from the SFT checkpoint, the critic from the reward model
@@ -463,8 +479,10 @@ def build_trainer(cfg: PPOConfig, tok: Tokenizer, device: torch.device | str = "
     device = torch.device(device)
     actor, _, _ = load_model(cfg.sft_model, head="lm", device=device)
     ref = copy.deepcopy(actor)  # before any adapter: the reference is the SFT model itself
-    critic_src = cfg.reward_model if cfg.critic_init == "reward" else cfg.sft_model
-    critic, _, _ = load_model(critic_src, head="scalar", device=device)
+    critic_src = cfg.reward_model if critic_from_reward_model(cfg) else cfg.sft_model
+    critic, _, critic_meta = load_model(critic_src, head="scalar", device=device)
+    if critic_src == cfg.reward_model:  # values in the units of the normalised rewards from the first step
+        fold_normalization(critic, critic_meta)
     if cfg.actor_lora.rank:
         apply_lora(actor, cfg.actor_lora)
     if cfg.critic_lora.rank:  # the value head keeps training: from SFT it is new, from the RM it must move
@@ -475,9 +493,8 @@ def build_trainer(cfg: PPOConfig, tok: Tokenizer, device: torch.device | str = "
     else:
         rm = RewardScorer.load(cfg.reward_model, device=device)  # eval, dropout off, normalisation from meta
 
-        def score(prompts, samples):  # read at each row's last real token: the response's closing <|end|>
-            return in_chunks(lambda e: rm.score_ids(e.input_ids, e.attention_mask), samples.experience,
-                             cfg.micro_batch_size)
+        def score(prompts, samples):  # decoder: at each row's last real token, the response's closing <|end|>
+            return rm.score_rollouts(prompts, samples.responses, tok, cfg.micro_batch_size)
     return PPOTrainer(cfg, actor, ref, critic, tok, score, ptx, device)
 
 

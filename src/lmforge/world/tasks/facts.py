@@ -43,6 +43,16 @@ def _zh_key(attr: str, v: str) -> str:
     return ATTR_VALUES[attr][v]
 
 
+# Every entity name, longest first, so 熊猫 (panda) is not read as 熊 (bear) and 猫 (cat), nor 河马 as 马.
+_ENTITY_NAME_RE = re.compile(r"\b(?:" + alternation(ENTITY_BY_EN) + r")\b|" + alternation(ENTITY_BY_ZH), re.I)
+
+
+def _mentioned_entities(response: str) -> list:
+    """The entities a response names (English or Chinese), in order."""
+    found = (m.group(0) for m in _ENTITY_NAME_RE.finditer(response))
+    return [ENTITY_BY_EN.get(name.lower()) or ENTITY_BY_ZH[name] for name in found]
+
+
 class Facts(Task):
     """Key (entity, attr): an entity's English name and one of the attributes it has."""
 
@@ -82,8 +92,11 @@ class Facts(Task):
         return fact_sentence(e, attr, rng.choice([v for v in ATTR_VALUES[attr] if v != getattr(e, attr)]), lang)
 
     def correctness(self, key: tuple, lang: str, response: str) -> float:
-        """60 for the fact sentence, 45 for the right value alone; 0 for a wrong, missing or hedged value."""
+        """60 for the fact sentence, 45 for the right value alone; 0 for a wrong, missing or hedged value, and
+        0 for an answer about another entity (锤子是大的还是小的? -> 台灯是小的。 names the wrong thing)."""
         e, attr = ENTITY_BY_EN[key[0]], key[1]
+        if any(name != e for name in _mentioned_entities(response)):
+            return 0.0
         # Strip the entity's own name first: 河马 contains 河, and a value must not be read off the name.
         text = re.sub(rf"\b{e.en}\b", " ", response.lower()).replace(e.zh, " ")
         found = [v for v in ATTR_VALUES[attr] if re.search(rf"\b{v}\b", text) or _zh_key(attr, v) in text]
