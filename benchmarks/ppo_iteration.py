@@ -25,7 +25,8 @@ import torch
 from lmforge.checkpoint import save_checkpoint
 from lmforge.config import load_config
 from lmforge.model import ModelConfig, Transformer
-from lmforge.stages.ppo import PPOConfig, build_trainer, prompt_indices
+from lmforge.rollout import prompt_indices
+from lmforge.stages.ppo import PPOConfig, build_trainer
 from lmforge.rollout import load_prompts
 from lmforge.tokenizer import train_tokenizer
 from lmforge.training import pick_device

@@ -38,7 +38,7 @@ def run_note(ctx: StageContext, cfg: NoteConfig) -> dict:
 NOTE = Stage("note", NoteConfig, run_note, inputs=("sft_model",), outputs={"note": "note.txt"},
              wire=lambda ctx: {"out": str(ctx.out / "note" / "note.txt")})
 
-STAGE_DIRS = ["world", "tokenizer", "data", "pretrain", "sft", "sample", "label", "rm", "ppo", "eval"]
+STAGE_DIRS = ["world", "tokenizer", "data", "pretrain", "sft", "sample", "label", "rm", "ppo", "dpo", "grpo", "eval"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_a_toy_stage_and_a_toy_judge_run_inside_the_tiny_preset(tiny_run, tmp_pa
         out = tmp_path / "toy"
         # Reuse the tiny run's model stages: the toy judge relabels, and everything after label reruns.
         args = ["run", "--preset", "tiny", "--out", str(out), f"sources.base_model={tiny_run / 'pretrain'}",
-                "label.judge.name=shortest", "note.greeting=hi", "ppo.iterations=1"]
+                "label.judge.name=shortest", "note.greeting=hi", "ppo.iterations=1", "branches=[ppo]"]
         assert main(args) == 0, capsys.readouterr().err
     finally:
         JUDGES.pop("shortest", None)
@@ -94,23 +94,25 @@ def test_tiny_preset_runs_every_stage_and_writes_the_report(tiny_run):
     for stage in STAGE_DIRS:
         marker = json.loads((tiny_run / stage / "stage.json").read_text())
         assert marker["seconds"] >= 0 and marker["fingerprint"]
-    for model_stage in ("pretrain", "sft", "rm", "ppo"):
+    for model_stage in ("pretrain", "sft", "rm", "ppo", "dpo", "grpo"):
         assert (tiny_run / model_stage / "model.safetensors").is_file()
     ranked = [json.loads(line) for line in (tiny_run / "label" / "ranked.jsonl").read_text().splitlines()]
     assert ranked and all({"input", "choices"} <= set(r) and len(r["choices"]) == 4 for r in ranked)
     rep = json.loads((tiny_run / "report.json").read_text())
-    assert set(rep["policies"]) == {"base", "sft", "ppo"} and rep["judge"] == "oracle"
+    assert list(rep["policies"]) == ["base", "sft", "ppo", "dpo", "grpo"] and rep["judge"] == "oracle"
     for row in rep["policies"].values():
         assert {"judge_score", "win_rate_vs_sft", "rm_score", "kl_to_sft", "mean_length", "parts"} <= set(row)
         assert 0 <= row["judge_score"] <= 100 and 0 <= row["win_rate_vs_sft"] <= 1
         assert sum(row["parts"].values()) == pytest.approx(row["judge_score"])
-    for stage in ("pretrain", "sft", "rm", "ppo"):  # the shared run-directory lifecycle finished each one
+        assert set(row["by_category"]) <= {"arithmetic", "facts", "translate", "uppercase", "reverse"}
+    for stage in ("pretrain", "sft", "rm", "ppo", "dpo", "grpo"):  # the shared run-directory lifecycle finished each one
         assert json.loads((tiny_run / stage / "run.json").read_text())["stage"] == stage
     assert rep["policies"]["sft"]["win_rate_vs_sft"] == 0.5 and rep["policies"]["sft"]["kl_to_sft"] == 0
     assert 0 <= rep["rm"]["heldout_accuracy"] <= 1
     assert set(STAGE_DIRS) <= set(rep["stages"])
     md = (tiny_run / "report.md").read_text()
-    assert "oracle" in md.lower() and (tiny_run / "loss.png").is_file()
+    assert "oracle" in md.lower() and (tiny_run / "loss.png").is_file() and (tiny_run / "grpo.png").is_file()
+    assert "| dpo |" in md and "| grpo |" in md and "Correctness by prompt category" in md
 
 
 def test_rerun_skips_finished_stages_and_from_reruns(tiny_run, capsys):
@@ -131,7 +133,7 @@ def test_changed_stage_config_reruns_it_and_downstream(tiny_run, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--from", "dpo"], "unknown stage 'dpo'"),
+    (["--from", "kto"], "unknown stage 'kto'"),
     (["sources.sft=/nonexistent/sft.jsonl", "sources.corpus=/nonexistent/c.txt"], "file not found"),
     (["ppo.no_such_key=1"], "unknown config key 'ppo.no_such_key'"),
     (["pretrain.seq_len=100000"], "config key 'pretrain.seq_len'"),
@@ -139,7 +141,7 @@ def test_changed_stage_config_reruns_it_and_downstream(tiny_run, capsys):
     (["ppo.actor_optim.lr=-1"], "config key 'ppo.actor_optim.lr' must be positive"),
     (["world.preset=x"], "config key 'world.preset' is an unknown world preset 'x'"),
     (["world_preset=x"], "unknown config key 'world_preset'"),
-    (["branches=ppo,dpo"], "config key 'branches': unknown branch 'dpo'"),
+    (["branches=[ppo,rlhf]"], "config key 'branches': unknown branch 'rlhf'"),
     (["label.judge.name=nobody"], "unknown judge 'nobody'"),
     (["eval.judge.name=openai"], "config key 'eval.judge.url' is required with judge name=openai"),
     (["sources.base_model=hf:/nonexistent"], "config key 'sources.base_model': /nonexistent: not a Hugging Face"),

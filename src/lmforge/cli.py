@@ -39,6 +39,8 @@ COMMANDS: dict[str, Any] = {
     "label": "lmforge.stages.label:COMMAND",
     "rm": {"train": "lmforge.stages.rm:COMMAND", "score": "lmforge.stages.rm:SCORE_COMMAND"},
     "ppo": "lmforge.stages.ppo:COMMAND",
+    "grpo": "lmforge.stages.grpo:COMMAND",
+    "dpo": "lmforge.stages.dpo:COMMAND",
     "eval": "lmforge.stages.evaluate:COMMAND",
     "report": "lmforge.stages.report:COMMAND",
     "generate": "lmforge.generation:COMMAND",
@@ -57,6 +59,8 @@ HELP = {
     "label": "rank candidates with a judge into the seed's ranked format",
     "rm": "rm train: train a reward model; rm score: score records with one",
     "ppo": "RLHF with PPO against a reward model",
+    "grpo": "RL with GRPO: group-relative advantages, no critic (reward model and/or a reward function)",
+    "dpo": "direct preference optimization (DPO, IPO, hinge) of the SFT policy on preference data",
     "eval": "evaluate policies on held-out prompts with a judge",
     "report": "the report (tables and plots) of a run directory",
     "generate": "sample text from a checkpoint",
@@ -124,7 +128,7 @@ class Command:
         return load_config(self.config, base=self.tree(args))
 
     def main(self, argv: list[str]) -> None:
-        args = self.parser().parse_args(argv)
+        args = self.parser().parse_intermixed_args(argv)  # key=value may follow --resume or any flag
         cfg = self.load(args)
         if args.print_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
@@ -169,16 +173,17 @@ def _field_comments(cls: type) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, re.M)}
 
 
-def key_help(cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:
-    """One line per config key (nested dataclasses flattened), with its default and its source comment."""
+def key_help(cls: type, prefix: str = "", skip: tuple[str, ...] = (), default=None) -> list[str]:
+    """One line per config key (nested dataclasses flattened), with its default and its source comment. A nested
+    section shows the defaults its parent gives it (PPO's actor_optim.lr 1e-05, not OptimConfig's own 1e-3)."""
     lines, comments, hints = [], _field_comments(cls), typing.get_type_hints(cls)
-    default = cls()
+    default = cls() if default is None else default
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         value = getattr(default, f.name)
         if dataclasses.is_dataclass(value):
-            lines += key_help(type(value), f"{prefix}{f.name}.")
+            lines += key_help(type(value), f"{prefix}{f.name}.", default=value)
             continue
         tp = hints[f.name]
         name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

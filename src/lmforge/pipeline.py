@@ -1,12 +1,13 @@
 """`lmforge run`: the InstructGPT pipeline as a graph of stages, driven by one table.
 
-    world -> tokenizer -> data -> pretrain -> sft -> sample -> label -> rm -> ppo -> eval -> report
+    world -> tokenizer -> data -> pretrain -> sft -> sample -> label -> rm -> ppo, grpo -> eval -> report
+                                                               label -> dpo ----------> eval
 
 Each row of STAGES (lmforge.stage.Stage) names the artifacts a stage reads and writes. A run plans the graph:
 a stage runs when a later stage needs one of its outputs and the user did not supply it (`sources.*`), so
 `sources.base_model=DIR` skips tokenizer, data and pretraining, and `sources.preferences=FILE` skips sampling and
-labelling. Branch stages (policy optimisers after SFT: ppo; dpo and grpo when they land) run when listed in
-`branches`. Evaluation compares every policy the run produces (the stages with `policy` set).
+labelling. Branch stages (the policy optimisers after SFT: ppo, dpo, grpo) run when listed in `branches`: DPO
+learns from the ranked data directly, PPO and GRPO from rollouts scored by the reward model. Evaluation compares every policy the run produces (the stages with `policy` set).
 
 Each stage writes OUT/<stage>/ and, when it finishes, OUT/<stage>/stage.json with a fingerprint of its config
 and of its inputs' fingerprints. A stage whose fingerprint matches is skipped, so an interrupted run resumes
@@ -30,7 +31,9 @@ from lmforge.errors import LmforgeError
 from lmforge.stage import POLICIES, Stage, StageContext
 from lmforge.stages import (
     data,
+    dpo,
     evaluate,
+    grpo,
     label,
     ppo,
     pretrain,
@@ -52,6 +55,8 @@ STAGES: list[Stage] = [
     label.STAGE,
     rm.STAGE,
     ppo.STAGE,
+    dpo.STAGE,
+    grpo.STAGE,
     evaluate.STAGE,
     report.STAGE,
 ]
@@ -101,7 +106,7 @@ class RunConfig:
     preset: Literal["tiny", "default", "smollm2"] = "default"  # src/lmforge/presets/run_<preset>.yaml
     seed: int = 0                       # world, sampling and evaluation seed (training stages have their own)
     device: str = "auto"                # auto: cuda when available
-    branches: list[str] = field(default_factory=lambda: ["ppo"])  # policy optimisers to run after SFT
+    branches: list[str] = field(default_factory=lambda: ["ppo", "dpo", "grpo"])  # policy optimisers after SFT
     sources: Sources = field(default_factory=Sources)
     sections: dict = field(default_factory=dict)   # the stage sections as given (set from top-level keys)
 
@@ -318,7 +323,7 @@ class RunCommand(Command):
     def main(self, argv: list[str]) -> None:
         import yaml
 
-        args = self.parser().parse_args(argv)
+        args = self.parser().parse_intermixed_args(argv)
         cfg = self.load(args)
         if args.print_config:
             print(yaml.safe_dump(Pipeline(cfg).resolved_config(), sort_keys=False, allow_unicode=True), end="")
@@ -330,7 +335,7 @@ COMMAND = RunCommand(
     "lmforge run", "The whole InstructGPT pipeline on the built-in dataset (or your sources.*), with a report.",
     RunConfig, _run,
     flags=(Flag("--preset", "preset", "tiny (about two minutes) or default"), Flag("--out", "out", "run directory"),
-           Flag("--branches", "branches", "policy optimisers after SFT (ppo)")),
+           Flag("--branches", "branches", "policy optimisers after SFT: any of ppo, dpo, grpo (e.g. [ppo,grpo])")),
     examples=("lmforge run --preset tiny",
               "lmforge run ppo.iterations=50 seed=1",
               "lmforge run --preset tiny sft.optim.lr=3e-4 ppo.actor_optim.lr=2e-5 eval.max_new_tokens=48",

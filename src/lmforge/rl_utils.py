@@ -129,8 +129,11 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float,
-                      log_ratio_clip: float = 20.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's clipped policy loss per token: max(-A * r, -A * clip(r, 1 - eps, 1 + eps)).
+                      log_ratio_clip: float = 20.0,
+                      clip_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped policy loss per token: max(-A * r, -A * clip(r, 1 - eps, 1 + eps_high)), eps_high = eps
+    unless `clip_high` is set (DAPO's clip-higher, Yu et al. 2025, arXiv 2503.14476, 0.2 / 0.28: unlikely tokens
+    of good responses may grow, against entropy collapse).
 
     r = exp(logp - old_logp) with old = the rollout's log-probs (detached). The log-ratio is clamped so a
     stray token cannot overflow exp(). Returns (loss, ratio, was_clipped) per token; reduce with a mask.
@@ -138,7 +141,7 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     log_ratio = (logp - old_logp.detach()).clamp(-log_ratio_clip, log_ratio_clip)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + (clip if clip_high is None else clip_high))
     return torch.maximum(unclipped, clipped), ratio, (clipped > unclipped).float()
 
 
@@ -158,3 +161,49 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     if var_r <= 0:
         return math.nan
     return 1.0 - float(masked_var(returns - values, mask)) / var_r
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses of the DPO family from summed response log-probs (B,), and the implicit rewards
+    beta * (logp - logp_ref) of chosen and rejected (detached). The reference log-probs are constants.
+
+    With the log-ratio margin m = (logp_c - logp_ref_c) - (logp_r - logp_ref_r):
+        sigmoid   -(1 - ls) * log sigmoid(beta * m) - ls * log sigmoid(-beta * m)
+                  DPO (Rafailov et al. 2023, arXiv 2305.18290); ls > 0 is conservative DPO (cDPO, Mitchell 2023):
+                  each label is taken as flipped with probability ls
+        ipo       (m - 1 / (2 * beta))^2        IPO (Azar et al. 2023, arXiv 2310.12036)
+        hinge     max(0, 1 - beta * m)          SLiC-HF (Zhao et al. 2023, arXiv 2305.10425)
+    """
+    chosen = policy_chosen - ref_chosen.detach()
+    rejected = policy_rejected - ref_rejected.detach()
+    m = chosen - rejected
+    if loss == "sigmoid":
+        out = -(1.0 - label_smoothing) * F.logsigmoid(beta * m) - label_smoothing * F.logsigmoid(-beta * m)
+    elif loss == "ipo":
+        out = (m - 1.0 / (2.0 * beta)) ** 2
+    elif loss == "hinge":
+        out = F.relu(1.0 - beta * m)
+    else:
+        raise ValueError(f"unknown DPO loss {loss!r}")
+    return out, (beta * chosen).detach(), (beta * rejected).detach()
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's outcome advantage (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300): each response's reward
+    against the other responses to the same prompt, A_i = (r_i - mean(group)) / (std(group) + eps).
+
+    rewards (N,) hold the G = group_size responses of one prompt consecutively (N = prompts * G). std is the
+    unbiased (Bessel-corrected) one, torch.std's default, as in DeepSeekMath's and TRL's code. scale=False drops
+    the division (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783): dividing by std up-weights prompts that are too
+    easy or too hard. A group whose rewards are all equal carries no signal: its advantages are exactly 0.
+    """
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"group_size {group_size} must be >= 2 and divide the {rewards.numel()} rewards")
+    r = rewards.reshape(-1, group_size)
+    same = (r == r[:, :1]).all(1, keepdim=True)  # tested on the values: rounding in the mean must not leak
+    centred = torch.where(same, torch.zeros_like(r), r - r.mean(1, keepdim=True))
+    if scale:
+        centred = centred / torch.where(same, torch.ones_like(r[:, :1]), r.std(1, keepdim=True) + eps)
+    return centred.reshape(rewards.shape)

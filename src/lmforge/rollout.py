@@ -9,6 +9,7 @@ response are read from columns P - 1 .. P + R - 2. Masks come from lengths, neve
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,6 +23,7 @@ from lmforge.model import Transformer
 from lmforge.prompts import Prompt, encode_prompts, read_prompts
 from lmforge.rl_utils import logprobs_from_logits
 from lmforge.tokenizer import Tokenizer
+from lmforge.training import step_generator
 
 # reward_fn(prompt_texts, response_texts, response_ids) -> one float per response. prompt_texts are the last
 # user turns, response_texts the decoded responses (without the stop token), response_ids the sampled ids.
@@ -127,3 +129,54 @@ def scores_from_fn(reward_fn: RewardFn, tok: Tokenizer, prompts: list[Prompt], s
     if len(out) != len(prompts):
         raise LmforgeError(f"reward_fn returned {len(out)} scores for {len(prompts)} responses")
     return torch.tensor([float(x) for x in out], dtype=torch.float32, device=device)
+
+
+def prompt_indices(n_prompts: int, iteration: int, batch_size: int, seed: int) -> list[int]:
+    """Prompts of one RL iteration (PPO, GRPO): consecutive slices of a fresh seeded permutation per pass over
+    the prompt set, so every prompt is used once per pass and resume is exact."""
+    out, perms = [], {}
+    for j in range(iteration * batch_size, (iteration + 1) * batch_size):
+        epoch, pos = divmod(j, n_prompts)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n_prompts, generator=step_generator(seed, epoch, micro=7)).tolist()
+        out.append(perms[epoch][pos])
+    return out
+
+
+def load_reward_fn(spec: str, key: str = "reward_fn") -> RewardFn:
+    """The callable that `module:function` names (the function may be a dotted attribute path)."""
+    module, _, attr = spec.partition(":")
+    try:
+        obj = importlib.import_module(module)
+    except Exception as e:  # not found, or failed while importing: one line either way
+        msg = (str(e).splitlines() or [""])[0]
+        raise LmforgeError(f"config key '{key}': cannot import module {module!r} ({type(e).__name__}: {msg})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise LmforgeError(f"config key '{key}': module {module!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise LmforgeError(f"config key '{key}': {spec} is not callable")
+    return obj
+
+
+def minibatch_epochs(n_rows: int, epochs: int, minibatch_size: int, generator: torch.Generator, device,
+                     step: Callable[[torch.Tensor], dict | None]) -> dict:
+    """The update phase of PPO and GRPO: `epochs` passes over freshly shuffled minibatches of the batch's rows,
+    `step(rows)` (backward + one optimizer step) on each. A step that returns None (a non-finite loss) is
+    dropped and counted. Returns the mean of the steps' stats, plus skipped_steps."""
+    totals: dict[str, float] = {}
+    n_steps = skipped = 0
+    for _ in range(epochs):
+        perm = torch.randperm(n_rows, generator=generator).to(device)
+        for start in range(0, n_rows, minibatch_size):
+            stats = step(perm[start:start + minibatch_size])
+            if stats is None:
+                skipped += 1
+                continue
+            n_steps += 1
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+    out = {k: v / max(n_steps, 1) for k, v in totals.items()}
+    out["skipped_steps"] = skipped
+    return out

@@ -75,6 +75,26 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def clip_and_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: OptimConfig, step: int) -> tuple[float, float]:
+    """One optimizer step at the scheduled learning rate of `step`, after clipping the gradient norm to
+    sched.grad_clip (0 = no clipping); gradients are zeroed after. Returns (gradient norm before clipping, lr)."""
+    lr = lr_at(step, sched)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    clip = sched.grad_clip if sched.grad_clip > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def synced_time(device: torch.device) -> float:
+    """perf_counter after the device has finished its queued work, so timings split by stage are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; fp32 on CPU (bf16 matmul on CPUs is hundreds of times slower)."""
     if device.type == "cuda":

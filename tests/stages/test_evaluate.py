@@ -106,6 +106,12 @@ def test_evaluate_policies_kl_to_itself_is_zero_and_sft_wins_half(policies, prom
             assert ex["judge_score"] == oracle_score(ex["prompt"], ex["response"])
         assert set(row["parts"]) == {"correctness", "politeness", "concision"}
         assert sum(row["parts"].values()) == pytest.approx(row["judge_score"])
+        # per task family: five arithmetic prompts and one uppercase; the families' means weigh back to the total
+        by = row["by_category"]
+        assert {c: v["prompts"] for c, v in by.items()} == {"arithmetic": 5, "uppercase": 1}
+        assert sum(v["prompts"] * v["judge_score"] for v in by.values()) / 6 == pytest.approx(row["judge_score"])
+        assert all(v["correctness"] + v["politeness"] + v["concision"] == pytest.approx(v["judge_score"])
+                   for v in by.values())
     assert res["reward_hacking"] == [] and res["judge"] == "oracle" and res["baseline"] == "sft"
     assert oracle_breakdown  # the parts are the oracle's breakdown, averaged over the prompts
 

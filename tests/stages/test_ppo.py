@@ -19,7 +19,8 @@ from lmforge.losses import lm_loss
 from lmforge.generation import SamplingParams, generate
 from lmforge.lora import LoraConfig, LoRALinear, apply_lora, load_trainable_state_dict, plain_model
 from lmforge.model import Transformer
-from lmforge.stages.ppo import PPOConfig, PtxSource, build_trainer, prompt_indices, run_ppo
+from lmforge.rollout import prompt_indices
+from lmforge.stages.ppo import PPOConfig, PtxSource, build_trainer, run_ppo
 from lmforge.scoring import RewardScorer, fold_normalization, normalize
 from lmforge.rl_utils import (KLController, clipped_surrogate, clipped_value_loss, gae, kl_estimate, masked_mean,
                               masked_var, masked_whiten, token_rewards)

@@ -68,8 +68,8 @@ def test_report_json_shape_markdown_and_plots(run_dir):
     for png in ("loss.png", "rm_accuracy.png", "ppo.png"):
         _check_png(run_dir / png)
     md = (run_dir / "report.md").read_text()
-    assert "| ppo | 38.0 | 45.0% | 1.750 | 6.50 | 30.0 |" in md
-    assert "| sft | 41.5 | 50.0% | 0.000 | 0.00 | 12.5 |" in md
+    assert "| ppo | 38.0 | -3.5 | 45.0% | 1.750 | 6.50 | 30.0 |" in md
+    assert "| sft | 41.5 | +0.0 | 50.0% | 0.000 | 0.00 | 12.5 |" in md
     assert "| policy | oracle score (0-100) |" in md
     assert "| policy | correctness | politeness | concision |" in md and "| ppo | 18.0 | 20.0 | 0.0 |" in md
     assert "Held-out pairwise accuracy: 81.2%" in md
@@ -93,7 +93,7 @@ def test_report_skips_missing_stages_and_fills_unknowns_with_null(tmp_path):
     _check_png(tmp_path / "loss.png")
     assert not (tmp_path / "ppo.png").exists() and not (tmp_path / "rm_accuracy.png").exists()
     md = (tmp_path / "report.md").read_text()
-    assert "| sft | – | – | – | – | 3.0 |" in md and "ppo.png" not in md
+    assert "| sft | – | – | – | – | – | 3.0 |" in md and "ppo.png" not in md
     assert "Parts of the" not in md and "Reward hacking" not in md
     assert not any(isinstance(v, float) and math.isnan(v) for v in rep["policies"]["sft"].values())
 
@@ -108,3 +108,19 @@ def test_report_plots_only_the_given_stages_and_names_the_judge(run_dir):
     md = (run_dir / "report.md").read_text()
     assert "| policy | openai score (0-100) |" in md and "Parts of the openai score:" in md
     assert "- *ppo* (openai 10): 3 3 3" in md and "ppo.png" not in md
+
+
+def test_report_breaks_results_down_by_prompt_category_and_plots_grpo(run_dir):
+    res = json.loads(json.dumps(RESULTS))
+    res["policies"]["sft"]["by_category"] = {"facts": {"prompts": 4, "judge_score": 50.0, "correctness": 30.0},
+                                             "arithmetic": {"prompts": 2, "judge_score": 40.0, "correctness": 15.5}}
+    res["policies"]["grpo"] = {"judge_score": 60.0, "by_category": {"facts": {"prompts": 4, "judge_score": 70.0,
+                                                                              "correctness": 45.25}}}
+    _log(run_dir, "grpo", [(s, {"reward": 0.1 * s, "kl": 0.2 * s}) for s in range(1, 6)])
+    write_report(run_dir, res)
+    md = (run_dir / "report.md").read_text()
+    assert "Correctness by prompt category" in md
+    assert "| policy | arithmetic (2) | facts (4) |" in md
+    assert "| sft | 15.5 | 30.0 |" in md and "| grpo | – | 45.2 |" in md
+    assert "![GRPO reward and KL](grpo.png)" in md
+    _check_png(run_dir / "grpo.png")

@@ -56,6 +56,10 @@ class Judge:
         """Optional named sub-scores behind `score` (the oracle: correctness, politeness, concision)."""
         return {}
 
+    def category(self, prompt: str) -> str | None:
+        """Optional group of a prompt for per-group results (the oracle: its task family); None = no groups."""
+        return None
+
     def score_many(self, prompts: list[str], responses: list[str]) -> list[float]:
         """`score` of each (prompt, response) pair; a remote judge overrides this to send requests in parallel."""
         return [self.score(p, r) for p, r in zip(prompts, responses, strict=True)]

@@ -52,3 +52,10 @@ class OracleJudge(Judge):
         except ValueError as e:
             raise _outside_world(e) from None
         return {k: float(b[k]) for k in PARTS}
+
+    def category(self, prompt: str) -> str:
+        """The prompt's task family (arithmetic, facts, translate, uppercase, reverse)."""
+        try:
+            return prompt_family(prompt)
+        except ValueError as e:
+            raise _outside_world(e) from None

@@ -14,6 +14,8 @@ For each policy (base, SFT, PPO, ...), against a baseline policy (SFT in `lmforg
                     (reused when the scored responses are themselves temperature-1 samples). Both log-probs are
                     teacher-forced over the same token ids, in fp32.
   mean_length       tokens of the scored responses (without the closing stop token)
+  by_category       judge score and parts per group of prompts, when the judge groups them (the oracle: task
+                    family), so a gain can be traced to what improved, e.g. facts correctness or concision
 
 The scored responses are greedy by default (temperature 0), so scores are deterministic.
 """
@@ -150,7 +152,7 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
     """Evaluate each policy checkpoint on cfg.prompts with cfg.judge (see the module docstring).
 
     Returns {"judge": name, "baseline": name, "policies": {name: {judge_score, win_rate_vs_<baseline>, rm_score,
-    kl_to_<baseline>, mean_length, finished_frac, parts, examples}}, "reward_hacking": [names], "prompts": n,
+    kl_to_<baseline>, mean_length, finished_frac, parts, by_category, examples}}, "reward_hacking": [names], "prompts": n,
     "seconds": s}; written to cfg.out as JSON when set.
     """
     from tqdm import tqdm
@@ -185,6 +187,7 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
             judge.check(p.text)
         except LmforgeError as e:
             raise LmforgeError(f"{where(cfg.prompts, p.line)}: {e}") from None
+    categories = [judge.category(t) for t in texts_of]
     scored = SamplingParams(cfg.max_new_tokens, cfg.temperature)
     kl_params = SamplingParams(cfg.max_new_tokens, 1.0)
     rows: dict[str, dict] = {}
@@ -207,6 +210,10 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
             lp_base = response_logprobs(base, ids, samples, tok.special.pad, cfg.batch_size)
             kl = float((lp - lp_base).mean())
         parts = [judge.parts(p, t) for p, t in zip(texts_of, texts)]
+        groups: dict[str, list[int]] = {}
+        for i, c in enumerate(categories):
+            if c is not None:
+                groups.setdefault(c, []).append(i)
         rows[name] = {
             "judge_score": _mean(scores),
             f"win_rate_vs_{base_name}": win,
@@ -218,6 +225,11 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
             "mean_length": _mean(len(t) - f for t, f in zip(tokens, finished)),
             "finished_frac": _mean(finished),
             "parts": {k: _mean(p[k] for p in parts) for k in parts[0]} if parts and parts[0] else {},
+            # per group of prompts (the oracle: task family): the judge score and its parts, as InstructGPT
+            # breaks results down by prompt category
+            "by_category": {c: {"prompts": len(rows_), "judge_score": _mean(scores[i] for i in rows_),
+                                **{k: _mean(parts[i][k] for i in rows_) for k in parts[0]}}
+                            for c, rows_ in sorted(groups.items())} if parts else {},
             "examples": [{"prompt": p, "response": t, "judge_score": s}
                          for p, t, s in list(zip(texts_of, texts, scores))[:cfg.n_examples]],
         }

@@ -62,7 +62,9 @@ from lmforge.rollout import (
     critic_values,
     in_chunks,
     load_prompts,
+    minibatch_epochs,
     policy_logprobs,
+    prompt_indices,
     sample_responses,
     scores_from_fn,
 )
@@ -73,12 +75,13 @@ from lmforge.training import (
     OptimConfig,
     autocast,
     build_optimizer,
-    lr_at,
+    clip_and_step,
     pick_device,
     rng_state,
     seed_everything,
     set_rng_state,
     step_generator,
+    synced_time,
 )
 
 
@@ -175,12 +178,6 @@ class PPOConfig:
 
 # ---------------------------------------------------------------------------------------------- the trainer
 
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 # score(prompts, samples) -> (B,) normalised sequence scores
 Scorer = Callable[[list[Prompt], Samples], torch.Tensor]
 
@@ -216,22 +213,22 @@ class PPOTrainer:
     def make_experience(self, prompts: list[Prompt], generator: torch.Generator | None = None):
         """Sample, score and compute rewards / advantages for one batch of prompts: (Experience, Samples, stats)."""
         cfg, dev, mb = self.cfg, self.device, self.cfg.micro_batch_size
-        t0 = _sync(dev)
+        t0 = synced_time(dev)
         with autocast(dev):
             samples = sample_responses(self.actor, self.tok, prompts, self.sampling, generator)
         exp = samples.experience
-        t1 = _sync(dev)
+        t1 = synced_time(dev)
         with autocast(dev):
             # "Old" log-probs are recomputed teacher-forced rather than taken from the sampler: the same
             # kernels as the update, so the first ratio is exactly 1 (the sampler agrees to ~1e-5 in fp32).
             exp.logprobs = in_chunks(lambda e: policy_logprobs(self.actor, e, cfg.temperature), exp, mb)
-            t2 = _sync(dev)
+            t2 = synced_time(dev)
             exp.ref_logprobs = in_chunks(lambda e: policy_logprobs(self.ref, e, cfg.temperature), exp, mb)
-            t3 = _sync(dev)
+            t3 = synced_time(dev)
             exp.values = in_chunks(lambda e: critic_values(self.critic, e), exp, mb)
-            t4 = _sync(dev)
+            t4 = synced_time(dev)
             raw = self.score(prompts, samples).to(dev, torch.float32)
-        t5 = _sync(dev)
+        t5 = synced_time(dev)
 
         scores = raw.clone()
         if cfg.score_clip is not None:
@@ -324,14 +321,7 @@ class PPOTrainer:
         out = {}
         for name, model, opt, sched in (("actor", self.actor, self.actor_opt, self.actor_sched),
                                         ("critic", self.critic, self.critic_opt, self.critic_sched)):
-            lr = lr_at(self.update_step, sched)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            clip = sched.grad_clip if sched.grad_clip > 0 else float("inf")
-            out[f"{name}_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-            out[f"{name}_lr"] = lr
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            out[f"{name}_grad_norm"], out[f"{name}_lr"] = clip_and_step(model, opt, sched, self.update_step)
         self.update_step += 1
         if self.ema is not None:
             with torch.no_grad():
@@ -344,39 +334,30 @@ class PPOTrainer:
     def update(self, exp: Experience, generator: torch.Generator) -> dict:
         """ppo_epochs passes over freshly shuffled minibatches, one optimizer step per minibatch."""
         cfg = self.cfg
-        B = exp.input_ids.shape[0]
         n_micro = cfg.minibatch_size // cfg.micro_batch_size
-        totals: dict[str, float] = {}
-        n_steps = skipped = 0
         self.actor.train()
         self.critic.train()
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(B, generator=generator).to(self.device)
-            for start in range(0, B, cfg.minibatch_size):
-                rows = perm[start:start + cfg.minibatch_size]
-                ptx = [self.ptx.batch(generator) for _ in range(n_micro)] if self.ptx is not None else None
-                stats = self.minibatch_backward(exp, rows, ptx)
-                if stats is None:  # a non-finite loss: drop this minibatch rather than corrupt the weights
-                    self.actor_opt.zero_grad(set_to_none=True)
-                    self.critic_opt.zero_grad(set_to_none=True)
-                    skipped += 1
-                    continue
-                stats.update(self.optimizer_step())
-                n_steps += 1
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v
-        out = {k: v / max(n_steps, 1) for k, v in totals.items()}
-        out["skipped_steps"] = skipped
-        return out
+
+        def step(rows: torch.Tensor) -> dict | None:
+            ptx = [self.ptx.batch(generator) for _ in range(n_micro)] if self.ptx is not None else None
+            stats = self.minibatch_backward(exp, rows, ptx)
+            if stats is None:  # a non-finite loss: drop this minibatch rather than corrupt the weights
+                self.actor_opt.zero_grad(set_to_none=True)
+                self.critic_opt.zero_grad(set_to_none=True)
+                return None
+            return {**stats, **self.optimizer_step()}
+
+        return minibatch_epochs(exp.input_ids.shape[0], cfg.ppo_epochs, cfg.minibatch_size, generator, self.device,
+                                step)
 
     def iteration(self, prompts: list[Prompt], seed: int, iteration: int) -> tuple[dict, Samples, Experience]:
         """One PPO iteration on `prompts`; randomness is a function of (seed, iteration), so resume is exact."""
         gen_seed = step_generator(seed, iteration, micro=0).initial_seed()
         sampler = torch.Generator(device=self.device).manual_seed(gen_seed)
         exp, samples, stats = self.make_experience(prompts, sampler)
-        t0 = _sync(self.device)
+        t0 = synced_time(self.device)
         stats.update(self.update(exp, step_generator(seed, iteration, micro=1)))
-        stats["time_update"] = _sync(self.device) - t0
+        stats["time_update"] = synced_time(self.device) - t0
         return stats, samples, exp
 
     # -- resume -------------------------------------------------------------------------------------------
@@ -496,17 +477,6 @@ def build_trainer(cfg: PPOConfig, tok: Tokenizer, device: torch.device | str = "
         def score(prompts, samples):  # decoder: at each row's last real token, the response's closing <|end|>
             return rm.score_rollouts(prompts, samples.responses, tok, cfg.micro_batch_size)
     return PPOTrainer(cfg, actor, ref, critic, tok, score, ptx, device)
-
-
-def prompt_indices(n_prompts: int, iteration: int, batch_size: int, seed: int) -> list[int]:
-    """Prompts of one iteration: consecutive slices of a fresh permutation per pass over the prompt set."""
-    out, perms = [], {}
-    for j in range(iteration * batch_size, (iteration + 1) * batch_size):
-        epoch, pos = divmod(j, n_prompts)
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n_prompts, generator=step_generator(seed, epoch, micro=7)).tolist()
-        out.append(perms[epoch][pos])
-    return out
 
 
 def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_fn: RewardFn | None = None,

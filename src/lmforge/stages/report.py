@@ -127,11 +127,12 @@ def plot_rm_accuracy(records: list[dict], path: Path) -> bool:
     return True
 
 
-def plot_ppo(records: list[dict], path: Path) -> bool:
-    """PPO reward (whichever of rm_score / score / reward exist) and KL to the reference, per iteration."""
+def plot_rl(records: list[dict], path: Path, method: str = "PPO") -> bool:
+    """An RL stage's reward (whichever of rm_score / score / reward exist) and KL to the reference, per
+    iteration (PPO, GRPO)."""
     reward_keys = [k for k in PPO_REWARD_KEYS if any(k in r for r in records)]
     kl_keys = [k for k in ("kl",) if any(k in r for r in records)]
-    panels = [(reward_keys, "PPO: reward", "reward"), (kl_keys, "PPO: KL to reference (per sequence)", "KL")]
+    panels = [(reward_keys, f"{method}: reward", "reward"), (kl_keys, f"{method}: KL to reference (per sequence)", "KL")]
     panels = [p for p in panels if p[0]]
     if not panels:
         return False
@@ -155,12 +156,15 @@ def render_markdown(rep: dict, plots: list[tuple[str, str]]) -> str:
     if pol:
         judge = rep["judge"]
         lines += ["## Policies on held-out prompts", "",
-                  f"| policy | {judge} score (0-100) | win rate vs SFT | RM score | KL to SFT (nats) | mean length (tokens) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  f"| policy | {judge} score (0-100) | vs SFT (points) | win rate vs SFT | RM score | KL to SFT (nats) "
+                  "| mean length (tokens) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        sft = (pol.get("sft") or {}).get("judge_score")
         for name, r in pol.items():
             win = "–" if r["win_rate_vs_sft"] is None else f"{100 * r['win_rate_vs_sft']:.1f}%"
-            lines.append(f"| {name} | {_fmt(r['judge_score'], '.1f')} | {win} | {_fmt(r['rm_score'], '.3f')} | "
-                         f"{_fmt(r['kl_to_sft'], '.2f')} | {_fmt(r['mean_length'], '.1f')} |")
+            gain = None if sft is None or r["judge_score"] is None else r["judge_score"] - sft
+            lines.append(f"| {name} | {_fmt(r['judge_score'], '.1f')} | {_fmt(gain, '+.1f')} | {win} | "
+                         f"{_fmt(r['rm_score'], '.3f')} | {_fmt(r['kl_to_sft'], '.2f')} | {_fmt(r['mean_length'], '.1f')} |")
         lines += ["", f"Win rate: per prompt the {judge} judge's scores of each policy's response and of the SFT "
                       "policy's (ties count half). KL: mean per-sequence sum of log pi - log pi_SFT on "
                       "temperature-1 samples.", ""]
@@ -170,6 +174,17 @@ def render_markdown(rep: dict, plots: list[tuple[str, str]]) -> str:
             lines += [f"Parts of the {judge} score:", "", "| policy | " + " | ".join(keys) + " |",
                       "|---|" + "---:|" * len(keys)]
             lines += [f"| {n} | " + " | ".join(_fmt(p.get(k), ".1f") for k in keys) + " |" for n, p in parts.items()]
+            lines.append("")
+        cats = {n: r["by_category"] for n, r in pol.items() if r.get("by_category")}
+        if cats:
+            names = sorted({c for by in cats.values() for c in by})
+            counts = {c: next(by[c]["prompts"] for by in cats.values() if c in by) for c in names}
+            part = "correctness" if all("correctness" in by[c] for by in cats.values() for c in by) else "judge_score"
+            lines += [f"{part.replace('_', ' ').capitalize()} by prompt category (prompts per category in brackets):",
+                      "", "| policy | " + " | ".join(f"{c} ({counts[c]})" for c in names) + " |",
+                      "|---|" + "---:|" * len(names)]
+            lines += [f"| {n} | " + " | ".join(_fmt(by.get(c, {}).get(part), ".1f") for c in names) + " |"
+                      for n, by in cats.items()]
             lines.append("")
     if rep.get("reward_hacking"):
         lines += [f"**Reward hacking flagged:** {', '.join(rep['reward_hacking'])} — the reward model's score rose "
@@ -218,8 +233,9 @@ def write_report(out_dir: str | Path, results: dict, stages: list[str] | None = 
         plots.append(("Training loss", "loss.png"))
     if plot_rm_accuracy(metrics.get("rm", []), out / "rm_accuracy.png"):
         plots.append(("Reward model accuracy", "rm_accuracy.png"))
-    if plot_ppo(metrics.get("ppo", []), out / "ppo.png"):
-        plots.append(("PPO reward and KL", "ppo.png"))
+    for stage in ("ppo", "grpo"):
+        if plot_rl(metrics.get(stage, []), out / f"{stage}.png", stage.upper()):
+            plots.append((f"{stage.upper()} reward and KL", f"{stage}.png"))
     rep = report_json(results)
     (out / "report.json").write_text(json.dumps(rep, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_markdown(rep, plots), encoding="utf-8")

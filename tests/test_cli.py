@@ -1,0 +1,18 @@
+"""The command grammar: help text shows each recipe's own defaults; key=value overrides may follow any flag."""
+
+from lmforge.cli import key_help, main
+from lmforge.stages.ppo import PPOConfig
+
+
+def test_help_shows_the_defaults_a_recipe_gives_its_nested_sections():
+    lines = key_help(PPOConfig)
+    lr = next(line for line in lines if line.strip().startswith("actor_optim.lr "))
+    eps = next(line for line in lines if line.strip().startswith("actor_optim.eps "))
+    assert "[1e-05]" in lr and "[1e-05]" in eps  # PPO's optimizer, not OptimConfig's own lr 1e-3 / eps 1e-8
+
+
+def test_overrides_may_follow_resume_and_flags(tmp_path, capsys):
+    argv = ["ppo", "--resume", "sft_model=a", "--prompts", "p.jsonl", "iterations=7", "--print-config"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "iterations: 7" in out and "sft_model: a" in out and "prompts: p.jsonl" in out
