@@ -166,10 +166,13 @@ def test_policy_equal_to_reference_has_zero_margin_and_loss_log2(tok, sft, tmp_p
     m = evaluate(model, d.train, ref, cfg, tok.special.pad)
     assert m["margin"] == 0.0 and m["chosen_drift"] == m["rejected_drift"] == 0.0 and m["accuracy"] == 0.5
     assert m["loss"] == pytest.approx(math.log(2), rel=1e-6)
-    # the training path (shuffled micro-batches of 2B rows): the same up to float rounding
-    batch = DPOBatches(d.train, ref, 8, 1, tok.special.pad, 0, "cpu")(0, 0)
-    loss, stats, _ = dpo_batch_loss(model.train(), batch, cfg)
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-5) and abs(stats["margin"]) < 1e-6
+    # the training path (shuffled micro-batches of whole prompts, each response forwarded once, or of single
+    # pairs): the same up to float rounding
+    for grouped, n_pairs, n_rows in ((True, 24, 24), (False, 8, 16)):
+        batch = DPOBatches(d.train, ref, 8, 1, tok.special.pad, 0, "cpu", grouped)(0, 0)
+        assert len(batch["chosen"]) == n_pairs and batch["n_rows"] <= n_rows  # 8 prompts x 3 responses
+        loss, stats, _ = dpo_batch_loss(model.train(), batch, cfg)
+        assert loss.item() == pytest.approx(math.log(2), abs=1e-5) and abs(stats["margin"]) < 1e-6
 
 
 # ------------------------------------------------------------------------------------------- learning
@@ -211,21 +214,22 @@ def _args(sft, data, out, *extra):
             "batch_size=4", "log_every=1", "eval_every=2", *extra]
 
 
-@pytest.mark.parametrize("rank", [0, 2])
-def test_cli_end_to_end_and_exact_resume(tok, sft, tmp_path, capsys, rank):
-    data = _write(tmp_path / "r.jsonl", _ranked(8, seed=1))  # 6 train prompts x 3 pairs = 18 pairs: 9 steps in 2 epochs
-    lora = [f"lora.rank={rank}", "lora.targets=all-linear"]
+@pytest.mark.parametrize("rank, grouping, steps", [(0, "group_by_prompt=true", 6), (2, "group_by_prompt=false", 9)])
+def test_cli_end_to_end_and_exact_resume(tok, sft, tmp_path, capsys, rank, grouping, steps):
+    # 6 train prompts x 3 pairs = 18 pairs: in 2 epochs, 6 steps of 2 prompts or 9 steps of 4 pairs
+    data = _write(tmp_path / "r.jsonl", _ranked(8, seed=1))
+    lora = [f"lora.rank={rank}", "lora.targets=all-linear", grouping, f"batch_size={2 if steps == 6 else 4}"]
     assert main(_args(sft, data, tmp_path / "full", *lora)) == 0
     assert re.match(r"dpo: heldout_accuracy [\d.]+, heldout_margin -?[\d.]+; log-prob drift chosen .*; 18 train / "
-                    r"6 val pairs, 9 steps", capsys.readouterr().out)
+                    rf"6 val pairs, {steps} steps", capsys.readouterr().out)
     assert main(_args(sft, data, tmp_path / "half", *lora, "stop_step=3")) == 0
-    assert "dpo: stopped after step 3 of 9" in capsys.readouterr().out
+    assert f"dpo: stopped after step 3 of {steps}" in capsys.readouterr().out
     assert main(_args(sft, data, tmp_path / "half", *lora)) == 1  # not without --resume (or overwrite=true)
     assert "already holds a run" in capsys.readouterr().err
     assert main(_args(sft, data, tmp_path / "half", *lora, "--resume")) == 0
     a, _, meta = load_model(tmp_path / "full", head="lm")
     b = load_model(tmp_path / "half", head="lm")[0]
-    assert meta["stage"] == "dpo" and meta["lora_rank"] == rank and meta["step"] == 9
+    assert meta["stage"] == "dpo" and meta["lora_rank"] == rank and meta["step"] == steps
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not any("lora" in k for k in sa)  # a plain policy checkpoint either way

@@ -313,6 +313,10 @@ def test_bad_inputs_fail_before_training(ck, tok, tmp_path, capsys):
         ({"loss_norm": "mean"}, r"config key 'loss_norm': expected one of \['token', 'sequence'\]"),
         ({"lora.rank": 2, "lora.dropout": 0.1}, "config key 'lora.dropout' must be 0"),
         ({"prompts": str(tmp_path / "nope.jsonl")}, "nope.jsonl: file not found"),
+        # the world's verifiable reward on prompts the world did not write: refused before any model is loaded
+        ({"reward_fn": "lmforge.world.rewards:correctness", "prompts": _write(tmp_path / "own.jsonl", [{"instruction": "say 1"}])},
+         r"config key 'reward_fn' \(lmforge.world.rewards:correctness\) cannot score the prompts of .*own.jsonl: "
+         r".*'say 1'.*built-in world"),
     ]
     for i, (overrides, message) in enumerate(cases):
         out = tmp_path / f"out{i}"

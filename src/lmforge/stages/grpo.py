@@ -331,6 +331,14 @@ def _check_inputs(cfg: GRPOConfig, reward_fn: RewardFn | None):
         raise LmforgeError("config key 'reward_model' or 'reward_fn' is required (a reward model checkpoint, or a "
                            "reward function module:function)")
     prompts = load_prompts(cfg.prompts, tok, cfg.max_new_tokens, contexts)
+    if reward_fn is not None:  # a reward that cannot judge these prompts (the world's, on your own) fails now
+        try:
+            reward_fn([p.text for p in prompts], [""] * len(prompts), [[] for _ in prompts])
+        except LmforgeError as e:
+            raise LmforgeError(f"config key 'reward_fn' ({cfg.reward_fn or 'reward_fn'}) cannot score the prompts of "
+                               f"{cfg.prompts}: {e}") from None
+        except Exception:  # noqa: BLE001 - a function that rejects empty responses is checked at the first iteration
+            pass
     return tok, prompts, reward_fn
 
 
