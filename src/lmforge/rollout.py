@@ -23,7 +23,7 @@ from lmforge.model import Transformer
 from lmforge.prompts import Prompt, encode_prompts, read_prompts
 from lmforge.rl_utils import logprobs_from_logits
 from lmforge.tokenizer import Tokenizer
-from lmforge.training import step_generator
+from lmforge.training import step_generator, synced_time
 
 # reward_fn(prompt_texts, response_texts, response_ids) -> one float per response. prompt_texts are the last
 # user turns, response_texts the decoded responses (without the stop token), response_ids the sampled ids.
@@ -180,3 +180,20 @@ def minibatch_epochs(n_rows: int, epochs: int, minibatch_size: int, generator: t
     out = {k: v / max(n_steps, 1) for k, v in totals.items()}
     out["skipped_steps"] = skipped
     return out
+
+
+class RLTrainer:
+    """What the PPO and GRPO trainers share: an iteration is `make_experience(prompts, generator)` (sample and
+    score) then `update(exp, generator)`, both implemented by the subclass, which also sets `device`."""
+
+    device: torch.device
+
+    def iteration(self, prompts: list[Prompt], seed: int, iteration: int) -> tuple[dict, Samples, Experience]:
+        """One iteration on `prompts`; its randomness is a function of (seed, iteration), so resume is exact."""
+        gen_seed = step_generator(seed, iteration, micro=0).initial_seed()
+        sampler = torch.Generator(device=self.device).manual_seed(gen_seed)
+        exp, samples, stats = self.make_experience(prompts, sampler)
+        t0 = synced_time(self.device)
+        stats.update(self.update(exp, step_generator(seed, iteration, micro=1)))
+        stats["time_update"] = synced_time(self.device) - t0
+        return stats, samples, exp

@@ -418,7 +418,8 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, progress: bool = True) -> dict
         save_checkpoint(out, m, tok, {**meta, "step": training_state["step"]}, training_state)
 
     mean_len = sum(len(p.chosen) + len(p.rejected) for p in train) / (2 * len(train))
-    batches = DPOBatches(train, ref["train"], cfg.batch_size, optim.grad_accum, pad, cfg.seed, device, cfg.group_by_prompt)
+    batches = DPOBatches(train, ref["train"], cfg.batch_size, optim.grad_accum, pad, cfg.seed, device,
+                         cfg.group_by_prompt)
     hooks = LoopHooks(batches,
                       lambda m, batch: dpo_batch_loss(m, batch, cfg), save, eval_hook)
     with rundir.active(int(state["step"]) if state else 0):

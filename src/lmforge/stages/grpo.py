@@ -38,14 +38,15 @@ from lmforge.lora import (LoraConfig, apply_lora, check_resume_rank, load_traina
                           trainable_state_dict)
 from lmforge.model import Transformer
 from lmforge.rl_utils import clipped_surrogate, group_advantages, kl_estimate
-from lmforge.rollout import (Experience, Prompt, RewardFn, Samples, in_chunks, load_prompts, load_reward_fn,
-                             minibatch_epochs, policy_logprobs, prompt_indices, sample_responses, scores_from_fn)
+from lmforge.rollout import (Experience, Prompt, RewardFn, RLTrainer, Samples, in_chunks, load_prompts,
+                             load_reward_fn, minibatch_epochs, policy_logprobs, prompt_indices, sample_responses,
+                             scores_from_fn)
 from lmforge.rundir import RunDir
 from lmforge.scoring import RewardScorer, disable_dropout
 from lmforge.stage import Stage, StageContext
 from lmforge.tokenizer import Tokenizer, check_same_tokenizer
-from lmforge.training import (MetricsLogger, OptimConfig, autocast, build_optimizer, clip_and_step, pick_device, rng_state,
-                              seed_everything, set_rng_state, step_generator, synced_time)
+from lmforge.training import (MetricsLogger, OptimConfig, autocast, build_optimizer, clip_and_step, pick_device,
+                              rng_state, seed_everything, set_rng_state, synced_time)
 
 
 def _grpo_optim() -> OptimConfig:
@@ -132,7 +133,7 @@ class GRPOConfig:
 RewardSource = Callable[[list[Prompt], Samples], torch.Tensor]
 
 
-class GRPOTrainer:
+class GRPOTrainer(RLTrainer):
     """Holds the policy, the frozen reference and the weighted reward sources; `iteration` = rollout + score +
     update. No critic, no value head: the group is the baseline."""
 
@@ -267,16 +268,6 @@ class GRPOTrainer:
 
         return minibatch_epochs(exp.input_ids.shape[0], self.cfg.ppo_epochs, self.cfg.minibatch_size, generator,
                                 self.device, step)
-
-    def iteration(self, prompts: list[Prompt], seed: int, iteration: int) -> tuple[dict, Samples, Experience]:
-        """One GRPO iteration on `prompts`; randomness is a function of (seed, iteration), so resume is exact."""
-        gen_seed = step_generator(seed, iteration, micro=0).initial_seed()
-        sampler = torch.Generator(device=self.device).manual_seed(gen_seed)
-        exp, samples, stats = self.make_experience(prompts, sampler)
-        t0 = synced_time(self.device)
-        stats.update(self.update(exp, step_generator(seed, iteration, micro=1)))
-        stats["time_update"] = synced_time(self.device) - t0
-        return stats, samples, exp
 
     # -- resume -------------------------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ from lmforge.rl_utils import (
     token_rewards,
 )
 from lmforge.rollout import (
+    RLTrainer,
     Experience,
     Prompt,
     RewardFn,
@@ -80,7 +81,6 @@ from lmforge.training import (
     rng_state,
     seed_everything,
     set_rng_state,
-    step_generator,
     synced_time,
 )
 
@@ -182,7 +182,7 @@ class PPOConfig:
 Scorer = Callable[[list[Prompt], Samples], torch.Tensor]
 
 
-class PPOTrainer:
+class PPOTrainer(RLTrainer):
     """Holds the four models, both optimizers and the KL controller; `iteration` = rollout + score + update."""
 
     def __init__(self, cfg: PPOConfig, actor: Transformer, ref: Transformer, critic: Transformer, tok: Tokenizer,
@@ -350,16 +350,6 @@ class PPOTrainer:
         return minibatch_epochs(exp.input_ids.shape[0], cfg.ppo_epochs, cfg.minibatch_size, generator, self.device,
                                 step)
 
-    def iteration(self, prompts: list[Prompt], seed: int, iteration: int) -> tuple[dict, Samples, Experience]:
-        """One PPO iteration on `prompts`; randomness is a function of (seed, iteration), so resume is exact."""
-        gen_seed = step_generator(seed, iteration, micro=0).initial_seed()
-        sampler = torch.Generator(device=self.device).manual_seed(gen_seed)
-        exp, samples, stats = self.make_experience(prompts, sampler)
-        t0 = synced_time(self.device)
-        stats.update(self.update(exp, step_generator(seed, iteration, micro=1)))
-        stats["time_update"] = synced_time(self.device) - t0
-        return stats, samples, exp
-
     # -- resume -------------------------------------------------------------------------------------------
 
     def state_dict(self, iteration: int) -> dict:
@@ -428,7 +418,8 @@ def _check_inputs(cfg: PPOConfig, has_reward_fn: bool):
                 raise LmforgeError(f"{cfg.reward_model}: a decoder reward model must score the last token "
                                    f"(this one uses pooling '{rm_meta.get('pooling')}')")
             check_same_tokenizer(rm_meta.get("tokenizer_fingerprint"), fingerprint,
-                                 f"config key 'reward_model' ({cfg.reward_model})", f"config key 'sft_model' ({cfg.sft_model})")
+                                 f"config key 'reward_model' ({cfg.reward_model})",
+                                 f"config key 'sft_model' ({cfg.sft_model})")
             contexts["reward model"] = int(rm["max_position_embeddings"])
     elif not has_reward_fn:
         raise LmforgeError("config key 'reward_model' is required (the reward model checkpoint directory)")
