@@ -294,8 +294,13 @@ def with_preset(tree: dict) -> dict:
 
 def _run(cfg: RunConfig, from_stage: str | None = None) -> None:
     t0 = time.perf_counter()
-    Pipeline(cfg, from_stage=from_stage).run()
+    pipe = Pipeline(cfg, from_stage=from_stage)
+    pipe.run()
     print(f"[lmforge run] finished in {time.perf_counter() - t0:.0f}s: report in {Path(cfg.out) / 'report.md'}")
+    policies = pipe.ctx.policies
+    if policies:  # the PPO policy when the run made one, else the last policy
+        name = "ppo" if "ppo" in policies else list(policies)[-1]
+        print(f"[lmforge run] talk to the {name} policy: lmforge chat --model {policies[name]}")
 
 
 def _help_keys() -> list[str]:
