@@ -16,3 +16,9 @@ def test_overrides_may_follow_resume_and_flags(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "iterations: 7" in out and "sft_model: a" in out and "prompts: p.jsonl" in out
+
+
+def test_a_list_flag_does_not_swallow_the_overrides_after_it(capsys):
+    assert main(["run", "--print-config", "--branches", "ppo", "grpo", "out=/tmp/lmforge-x", "seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "branches:\n- ppo\n- grpo\n" in out and "out: /tmp/lmforge-x" in out and "seed: 3" in out

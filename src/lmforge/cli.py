@@ -119,11 +119,15 @@ class Command:
     def tree(self, args: argparse.Namespace) -> dict:
         """The raw config tree: the --config file <- flags <- key=value overrides."""
         tree = read_yaml(args.config) if args.config else {}
+        overrides = list(args.overrides)
         for f in self.flags + ((self.positional,) if self.positional else ()):
             value = getattr(args, f.key, None)
+            if isinstance(value, list):  # a list flag swallows what follows it: key=value items are overrides
+                overrides = [v for v in value if _KEY_VALUE.match(v)] + overrides
+                value = [v for v in value if not _KEY_VALUE.match(v)] or None
             if value is not None:
                 tree = _merge(tree, _key_tree(f.key, _flag_value(key_type(self.config, f.key), value)))
-        return _merge(tree, parse_overrides(args.overrides))
+        return _merge(tree, parse_overrides(overrides))
 
     def load(self, args: argparse.Namespace):
         """The typed config, every key and type checked against the dataclass."""
@@ -136,6 +140,9 @@ class Command:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
             return
         self.run(cfg, args.resume) if self.resume else self.run(cfg)
+
+
+_KEY_VALUE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def _key_tree(key: str, value) -> dict:

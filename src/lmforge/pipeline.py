@@ -340,7 +340,7 @@ COMMAND = RunCommand(
     "lmforge run", "The whole InstructGPT pipeline on the built-in dataset (or your sources.*), with a report.",
     RunConfig, _run,
     flags=(Flag("--preset", "preset", "tiny (about two minutes) or default"), Flag("--out", "out", "run directory"),
-           Flag("--branches", "branches", "policy optimisers after SFT: any of ppo, dpo, grpo (e.g. [ppo,grpo])")),
+           Flag("--branches", "branches", "policy optimisers after SFT: any of ppo, dpo, grpo (--branches ppo grpo)")),
     examples=("lmforge run --preset tiny",
               "lmforge run ppo.iterations=50 seed=1",
               "lmforge run --preset tiny sft.optim.lr=3e-4 ppo.actor_optim.lr=2e-5 eval.max_new_tokens=48",
