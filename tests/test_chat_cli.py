@@ -46,10 +46,12 @@ def test_oldest_exchanges_leave_the_context_window_and_the_system_prompt_stays(t
     assert session.messages()[0] == {"role": "system", "content": "sys"}
     assert len(chat.render_prompt(tok, session.messages()[:-1])) + 8 <= 64
     assert session.messages()[-2]["content"].endswith("number 5")  # the newest exchange is always kept
+    before = list(session.turns)
     with pytest.raises(LmforgeError, match="message too long"):
         session.reply("fox " * 200)
-    assert session.turns == []  # the conversation that could not fit is gone, the session still usable
-    assert session.reply("hi")[1] == 0
+    assert session.turns == before  # only the message that cannot fit is refused; the history stays
+    session.reply("hi")
+    assert session.turns[-2] == {"role": "user", "content": "hi"}
 
 
 def test_terminal_session_commands(tok, tmp_path):
@@ -76,3 +78,5 @@ def test_bad_config_is_one_line(tok, tmp_path, capsys):
     assert main(["chat", "--model", str(tmp_path / "missing"), "top_p=1.5"]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "top_p" in err
+    assert main(["chat", "--model", "m", "top_k=-1"]) == 1
+    assert "config key 'top_k' must be >= 0" in capsys.readouterr().err

@@ -45,8 +45,10 @@ class ChatConfig:
             raise ConfigError("model", "is required (a policy checkpoint directory)")
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens", "must be positive")
-        if self.temperature < 0 or self.top_k < 0:
-            raise ConfigError("temperature", "and top_k must be >= 0")
+        if self.temperature < 0:
+            raise ConfigError("temperature", "must be >= 0")
+        if self.top_k < 0:
+            raise ConfigError("top_k", "must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError("top_p", "must be in (0, 1]")
 
@@ -77,16 +79,18 @@ class ChatSession:
     def _fit(self) -> tuple[list[int], int]:
         """The prompt ids of the conversation, after dropping the oldest exchanges until prompt + reply fit the
         context; returns (ids, exchanges dropped). A last user turn too long on its own is an error."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        alone = chat.render_prompt(self.tok, system + self.turns[-1:])
+        if len(alone) + self.max_new > self.context:  # hopeless: refuse it, keep the history as it was
+            self.turns.pop()
+            raise LmforgeError(f"message too long: {len(alone)} tokens, and the model's context of {self.context} "
+                               f"keeps {self.context - self.max_new} for the conversation (max_new_tokens "
+                               f"{self.max_new})")
         dropped = 0
         while True:
             ids = chat.render_prompt(self.tok, self.messages())
             if len(ids) + self.max_new <= self.context:
                 return ids, dropped
-            if len(self.turns) <= 1:
-                self.turns = []
-                raise LmforgeError(f"message too long: {len(ids)} tokens with the conversation, and the model's "
-                                   f"context of {self.context} keeps {self.context - self.max_new} for it "
-                                   f"(max_new_tokens {self.max_new})")
             self.turns = self.turns[2:]  # the oldest user turn and its reply
             dropped += 1
 
@@ -105,7 +109,11 @@ class ChatSession:
                     on_text(piece)
 
         params = SamplingParams(self.max_new, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
-        generate(self.model, [ids], params, self.stops, self.tok.special.pad, self.generator, on_tokens)
+        try:
+            generate(self.model, [ids], params, self.stops, self.tok.special.pad, self.generator, on_tokens)
+        except BaseException:  # interrupted (Ctrl-C): the unanswered turn leaves, turns keep alternating
+            self.turns.pop()
+            raise
         tail = streamer.flush()
         pieces.append(tail)
         if on_text is not None and tail:

@@ -69,11 +69,15 @@ def _ranks(choices: list, require_labels: bool) -> list[int] | None:
 def _prompt_messages(rec: dict) -> list[dict]:
     """The conversation a labelled record's responses answer: its `messages` (a chat prompt ending in a user
     turn, as `lmforge sample` / `label` write it for chat prompts: system and earlier turns included, so the
-    reward model trains on the rendering PPO samples from), else one user turn from `prompt` or `input`."""
+    reward model trains on the rendering PPO samples from), an Alpaca-style `instruction` (+ `input`) as one user
+    turn, else one user turn from `prompt` or `input`."""
     if "messages" in rec:
         msgs = record_to_messages({"messages": rec["messages"]}, require_response=False)
         _text(msgs[-1]["content"], "messages[-1].content")
         return msgs
+    alpaca = {k: v for k, v in rec.items() if isinstance(k, str) and k.lower() in ("instruction", "input")}
+    if any(k.lower() == "instruction" for k in alpaca):  # instruction + optional input, as SFT renders them
+        return record_to_messages(alpaca, require_response=False)
     key = "prompt" if "prompt" in rec else "input"
     return [{"role": "user", "content": _text(rec.get(key), key)}]
 
@@ -88,7 +92,7 @@ def parse_record(rec, require_labels: bool = True) -> Example:
         raise ValueError("a record must be a JSON object")
     msgs = rec.get("messages")
     chat_prompt = isinstance(msgs, list) and bool(msgs) and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "user"
-    labelled = chat_prompt or any(k in rec for k in ("choices", "chosen", "rejected"))
+    labelled = chat_prompt or any(k in rec for k in ("choices", "chosen", "rejected", "score"))
     if not labelled and any(isinstance(k, str) and k.lower() in ("instruction", "messages") for k in rec):
         msgs = record_to_messages(rec)
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")

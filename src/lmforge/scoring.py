@@ -141,7 +141,9 @@ class RewardScorer:
         response ids: the very sequence the policy wrote. An encoder (the seed's BERT-style reward model)
         re-encodes the text in its own layout with its own tokenizer, [BOS] prompt [SEP] response [EOS]: the
         whole conversation (system and earlier turns too) as the prompt, the response without its end-of-turn
-        token, cut to the encoder's context keeping the closing [EOS].
+        token; past the encoder's context the prompt loses its oldest tokens (after [BOS]), so the response and
+        [EOS] are always seen. Identical sequences are scored once, so a GRPO group of identical responses gets
+        identical rewards (padding widths may differ between chunks, and bf16 would make that a difference).
         """
         from lmforge.chat import turn_stop_ids
 
@@ -152,11 +154,14 @@ class RewardScorer:
             texts = [policy_tokenizer.decode(r[:-1] if r and r[-1] in end else r) for r in responses]
             limit = self.model.config.max_position_embeddings
             seqs = [render_example(self.tokenizer, p.messages, t, encoder=True) for p, t in zip(prompts, texts)]
-            seqs = [s if len(s) <= limit else s[:limit - 1] + s[-1:] for s in seqs]
+            seqs = [s if len(s) <= limit else s[:1] + s[len(s) - limit + 1:] for s in seqs]
         else:
             seqs = [list(p.ids) + list(r) for p, r in zip(prompts, responses)]
-        raw = score_sequences(self.model, seqs, self.tokenizer.special.pad, self.pooling, batch_size)
-        return normalize(raw, self.meta)
+        index: dict[tuple, int] = {}
+        rows = [index.setdefault(tuple(s), len(index)) for s in seqs]
+        raw = score_sequences(self.model, [list(s) for s in index], self.tokenizer.special.pad, self.pooling,
+                              batch_size)
+        return normalize(raw[torch.tensor(rows, dtype=torch.long)], self.meta)
 
     @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -327,6 +327,33 @@ def test_bad_inputs_fail_before_training(ck, tok, tmp_path, capsys):
         assert not out.exists()
 
 
+def test_identical_responses_score_identically_and_encoder_cuts_the_prompt(ck, tok):
+    """A group of identical responses must get identical rewards (no advantage from padding noise), and an
+    encoder past its context loses the prompt's oldest tokens, never the response."""
+    from lmforge.prompts import Prompt
+    from lmforge.scoring import RewardScorer, render_example
+
+    rm = RewardScorer.load(ck.rm)
+    p = Prompt([{"role": "user", "content": "say 1"}], "say 1")
+    p.ids = load_prompts(ck.prompts, tok, 8, {"policy": 64})[0].ids
+    same, other = tok.encode("fox fox") + [tok.special.end], tok.encode("dog") + [tok.special.end]
+    long = tok.encode("the quick brown fox jumps over the lazy dog " * 3) + [tok.special.end]
+    scores = rm.score_rollouts([p] * 6, [same, long, same, other, long, same], tok, batch_size=2)
+    assert scores[0] == scores[2] == scores[5] and scores[1] == scores[4]
+    enc = RewardScorer.load(ck.rm_enc)
+    limit = enc.model.config.max_position_embeddings
+    chat_prompt = Prompt([{"role": "user", "content": "apple " * 80}], "apple " * 80)
+    full = render_example(enc.tokenizer, chat_prompt.messages, "dog", encoder=True)
+    assert len(full) > limit
+    cut = full[:1] + full[len(full) - limit + 1:]
+    assert cut[-3:] == tok.encode("dog") + [tok.special.eos] and len(cut) == limit
+    got = enc.score_rollouts([chat_prompt], [other], tok)
+    expected = enc.score_rollouts([chat_prompt], [other], tok)  # deterministic, and equal to scoring `cut` directly
+    from lmforge.scoring import normalize, score_sequences
+    direct = normalize(score_sequences(enc.model, [cut], tok.special.pad, enc.pooling), enc.meta)
+    assert torch.allclose(got, expected) and torch.allclose(got, direct, atol=1e-6)
+
+
 def test_stage_declaration():
     from lmforge.stage import StageContext
     from lmforge.stages.grpo import STAGE

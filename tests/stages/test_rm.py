@@ -205,6 +205,13 @@ def test_ranked_chat_records_train_on_the_rendering_ppo_samples_from(tok, tmp_pa
         load_data(_write(tmp_path / "bad.jsonl", [{**rec, "messages": msgs[:3]}]), tok, encoder=False, max_len=128)
 
 
+def test_alpaca_style_labelled_records_keep_their_instruction():
+    rec = {"instruction": "Translate into Chinese", "input": "red apple", "chosen": "红苹果", "rejected": "苹果"}
+    assert parse_record(rec).prompt == [{"role": "user", "content": "Translate into Chinese\nred apple"}]
+    scored = parse_record({"Instruction": "Say hi", "output": "hi", "score": 3})
+    assert scored.prompt == [{"role": "user", "content": "Say hi"}] and scored.score == 3.0
+
+
 def test_split_by_prompt_keeps_each_prompt_on_one_side():
     exs = [Example([{"role": "user", "content": f"p{i % 10}"}], ["a", "b"], ranks=[1, 2]) for i in range(40)]
     train, val = split_by_prompt(exs, 0.3, seed=0)

@@ -120,6 +120,9 @@ def test_a_facts_answer_about_another_entity_is_wrong():
     assert oracle_breakdown("大象是大的还是小的?", "大象是大的。")["correctness"] == 60
     assert oracle_breakdown("熊是什么颜色的?", "熊猫是棕色的。")["correctness"] == 0
     assert oracle_breakdown("What color is the cat?", "The hotdog is black.")["correctness"] == 60 - 15
+    # English names count with an article: "saw" and "train" are also plain words
+    assert oracle_breakdown("What color is the hammer?", "I saw that the hammer is gray.")["correctness"] == 60
+    assert oracle_breakdown("What color is the hammer?", "A saw is gray.")["correctness"] == 0
 
 
 def test_oracle_rank_ties():

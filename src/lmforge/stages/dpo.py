@@ -296,8 +296,10 @@ def dpo_batch_loss(model: Transformer, batch: dict, cfg: DPOConfig) -> tuple[tor
     losses, _, _ = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], cfg.beta, cfg.loss, cfg.label_smoothing)
     loss = losses.mean()
     metrics = pair_stats(torch.stack([chosen, rejected], 1).detach(), ref, cfg.beta)
-    if cfg.rpo_alpha:  # each distinct chosen response's tokens once
-        nll = -lp[torch.isin(rows, batch["chosen"])].mean()
+    if cfg.rpo_alpha:  # a chosen response's tokens weigh as many times as it is chosen: the per-pair objective
+        times_chosen = torch.bincount(batch["chosen"], minlength=batch["n_rows"]).to(lp.dtype)
+        w = times_chosen[rows]
+        nll = -(lp * w).sum() / w.sum()
         loss = loss + cfg.rpo_alpha * nll
         metrics["nll_chosen"] = nll.item()
     return loss, metrics, int(batch["mask"].sum())

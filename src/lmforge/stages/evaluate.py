@@ -179,8 +179,14 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
         check_same_tokenizer(scorer.meta.get("tokenizer_fingerprint"), tok.fingerprint(),
                              f"config key 'reward_model' ({cfg.reward_model})",
                              f"the baseline policy '{base_name}' ({policies[base_name]})")
-        contexts["reward model"] = scorer.model.config.max_position_embeddings
     ids = encode_prompts(tok, prompts, cfg.prompts, contexts)
+    if scorer is not None and not scorer.encoder:  # it scores prompt + the whole response: both must fit it
+        rm_context = scorer.model.config.max_position_embeddings
+        for p in prompts:
+            new = min(cfg.max_new_tokens, max_len - len(p.ids))  # generation stops at the policies' context
+            if len(p.ids) + new > rm_context:
+                raise LmforgeError(f"{where(cfg.prompts, p.line)}: prompt of {len(p.ids)} tokens + {new} new tokens "
+                                   f"exceeds the reward model's context of {rm_context} positions")
     texts_of = [p.text for p in prompts]
     for p in prompts:  # fail before generating anything if the judge cannot judge these prompts
         try:

@@ -43,13 +43,15 @@ def _zh_key(attr: str, v: str) -> str:
     return ATTR_VALUES[attr][v]
 
 
-# Every entity name, longest first, so 熊猫 (panda) is not read as 熊 (bear) and 猫 (cat), nor 河马 as 马.
-_ENTITY_NAME_RE = re.compile(r"\b(?:" + alternation(ENTITY_BY_EN) + r")\b|" + alternation(ENTITY_BY_ZH), re.I)
+# Every entity name, longest first, so 熊猫 (panda) is not read as 熊 (bear) and 猫 (cat), nor 河马 as 马. An English
+# name counts after an article only: "saw", "train", "fish" are also plain words ("I saw that...").
+_ENTITY_NAME_RE = re.compile(r"\b(?:the|a|an)\s+(" + alternation(ENTITY_BY_EN) + r")\b|(" + alternation(ENTITY_BY_ZH)
+                             + ")", re.I)
 
 
 def _mentioned_entities(response: str) -> list:
-    """The entities a response names (English or Chinese), in order."""
-    found = (m.group(0) for m in _ENTITY_NAME_RE.finditer(response))
+    """The entities a response names (English with an article, or Chinese), in order."""
+    found = (m.group(1) or m.group(2) for m in _ENTITY_NAME_RE.finditer(response))
     return [ENTITY_BY_EN.get(name.lower()) or ENTITY_BY_ZH[name] for name in found]
 
 
