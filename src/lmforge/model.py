@@ -138,6 +138,35 @@ class KVCache:
         self.k = [k[index] for k in self.k]
         self.v = [v[index] for v in self.v]
 
+    # Continuous batching (lmforge.engine) keeps a fixed-size cache and moves rows and columns inside it.
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over batch rows [start, stop) that shares this one's storage (its writes land here)."""
+        view = KVCache.__new__(KVCache)
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.length, view.max_len = self.length, self.max_len
+        return view
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Overwrite batch row `dst` with row `src` (re-packing rows when one leaves)."""
+        for t in self.k + self.v:
+            t[dst, :, :self.length] = t[src, :, :self.length]
+
+    def shift(self, n: int) -> None:
+        """Move the filled positions n columns right (n > 0: free columns on the left) or drop the first -n
+        (n < 0); `length` follows. Every row moves; attention masks must move with them."""
+        if n == 0:
+            return
+        if self.length + n > self.max_len or self.length + n < 0:
+            raise LmforgeError(f"KV cache shift by {n} leaves [0, {self.max_len}) ({self.length} filled)")
+        for t in self.k + self.v:
+            if n > 0:
+                t[:, :, n:n + self.length] = t[:, :, :self.length].clone()
+            else:
+                t[:, :, :self.length + n] = t[:, :, -n:self.length].clone()
+        self.length += n
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):

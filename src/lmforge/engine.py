@@ -1,0 +1,423 @@
+"""Continuous batching: the decoding core of an OpenAI-compatible server.
+
+Requests are submitted from any thread and decoded together in one batched KV-cache loop. Between two decode
+steps finished and cancelled requests leave, and waiting ones join (their prompts prefilled in one forward), so
+a long answer never holds a short one back and the batch stays full under load.
+
+Design: one KVCache of `max_batch` rows x the model's context, in the left-padded layout of
+`generation.generate`, extended to rows that come and go:
+
+* Rows are packed: running request i lives in cache row i, and each forward runs on rows [0, n) only (a view
+  of the cache), so one request alone costs what it costs in `generate`. When a request leaves, the last row
+  is copied into its slot.
+* Columns are shared: every decode step writes all rows' new keys at one column, `cache.length`, and each row
+  is right-aligned, occupying columns [start_i, length). Its attention mask is `column >= start_i` and its
+  rotary position `length - start_i`, so its logits are those of the request decoded alone. A joining request
+  is prefilled straight into its row, right-aligned at `length` (the cache moves right first if its prompt is
+  longer than `length`).
+* Columns left of every row are dead; when the cache is full, or half of it is dead, all rows move left
+  (`KVCache.shift`). A row spans at most prompt + max_new_tokens - 1 columns, which submit keeps within the
+  context, so there is always room.
+
+This keeps `Transformer.forward` and `KVCache.update` as they are (the engine passes masks and position ids),
+and costs at most one prefill and one decode forward per step. The price is attention over the columns of the
+longest running row for every row, and an occasional copy when rows move: fine at this scale; a paged cache
+would remove both.
+
+Per-token output goes to a queue per request (`Request.events`, or iterate the request) and, if given, to an
+`on_token` callback run on the engine thread. An asyncio server hands events to its loop:
+
+    q = asyncio.Queue()
+    req = engine.submit(ids, params, on_token=lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+
+(a callback that raises, e.g. on a closed loop, cancels its request).
+Each event carries the token, its log-prob under logits/temperature (as `generate` reports it, whatever
+top-k/top-p chose), and on the last one the finish reason. A request's seed makes its tokens the same whatever
+else runs (each request samples from its own generator; see `sample`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import random
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Self
+
+import torch
+import torch.nn.functional as F
+
+from lmforge import chat
+from lmforge.generation import SamplingParams, filter_logits
+from lmforge.model import KVCache, Transformer, positions_from_mask
+from lmforge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class QueueFull(RuntimeError):
+    """More requests wait for a slot than the engine's max_queue (a server answers 429)."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of a request's output. The last event has finished=True and a reason: "stop" (the token is a
+    stop token), "length" (max_new_tokens reached), "cancelled" or "error" (then token is None)."""
+    token: int | None
+    logprob: float
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+
+
+class Request:
+    """A submitted request: prompt, sampling settings, and its output so far."""
+
+    def __init__(self, id: str, prompt: list[int], params: SamplingParams, stop_ids: Sequence[int],
+                 generator: torch.Generator, on_token: Callable[[TokenEvent], None] | None):
+        self.id, self.prompt, self.params = id, prompt, params
+        self.stop_ids = frozenset(stop_ids)
+        self.generator, self.on_token = generator, on_token
+        self.events: queue.Queue[TokenEvent] = queue.Queue()
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.finish_reason: FinishReason | None = None
+        self.error: BaseException | None = None
+        self._cancel = False  # set by Engine.cancel or a failing callback; acted on at the next step
+        self._done = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request has finished (True) or the timeout passed (False)."""
+        return self._done.wait(timeout)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        """The events as they come, until the last one (blocking: for a thread, not an event loop)."""
+        while True:
+            ev = self.events.get()
+            yield ev
+            if ev.finished:
+                return
+
+    def _emit(self, ev: TokenEvent) -> None:
+        if ev.token is not None:
+            self.tokens.append(ev.token)
+            self.logprobs.append(ev.logprob)
+        if ev.finished:
+            self.finish_reason = ev.finish_reason
+        self.events.put(ev)
+        if self.on_token is not None:
+            try:
+                self.on_token(ev)
+            except Exception:  # the consumer is gone (e.g. a closed event loop): stop decoding for it
+                log.exception("on_token callback of request %s failed; cancelling it", self.id)
+                self._cancel = True
+        if ev.finished:
+            self._done.set()
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+           ) -> tuple[list[int], list[float]]:
+    """Next token of each row under its own settings, and its log-prob under logits/temperature.
+
+    A sampled row draws one uniform number from its own generator and inverts the CDF of its (top-k / top-p
+    filtered) distribution: the draw never depends on the other rows, and one batched search replaces a
+    torch.multinomial call per row (which costs more than the forward at 32 rows). So a seed reproduces a
+    request in any batch, but not `generate`'s text for the same seed.
+    """
+    logits = logits.float()
+    temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
+    scaled = logits / temps[:, None]
+    nxt = scaled.argmax(-1)  # greedy rows
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if rows:
+        groups: dict[tuple[int, float], list[int]] = {}
+        for j, i in enumerate(rows):
+            groups.setdefault((params[i].top_k, params[i].top_p), []).append(j)
+        filtered = scaled[rows]
+        for (top_k, top_p), idx in groups.items():
+            if top_k or top_p < 1.0:
+                filtered[idx] = filter_logits(filtered[idx], top_k, top_p)
+        cdf = F.softmax(filtered, dim=-1).double().cumsum(-1)
+        u = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in rows]).double()
+        nxt[rows] = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # skips p = 0 tokens
+    logp = F.log_softmax(scaled, dim=-1).gather(-1, nxt[:, None])[:, 0]
+    return nxt.tolist(), logp.tolist()
+
+
+class Engine:
+    """Decode many requests together with continuous batching (see the module docstring).
+
+    The engine owns the model while it runs (eval mode, no gradients). Drive it with `start()` / `stop()` (a
+    background thread) or `run_until_idle()` (the caller's thread: tests, scripts), not both at once.
+    """
+
+    def __init__(self, model: Transformer, tok: Tokenizer | None = None, max_batch: int = 8, max_queue: int = 64,
+                 seed: int | None = None):
+        cfg = model.config
+        if not cfg.is_causal or model.head == "scalar":
+            raise ValueError("the engine needs a causal model with an LM head")
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.context = cfg.max_position_embeddings
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.cache = KVCache(cfg, max_batch, self.context, self.device, next(model.parameters()).dtype)
+        self.pad_id = tok.special.pad if tok is not None else 0
+        self.default_stop_ids = chat.stop_ids(tok) if tok is not None else []
+        self._active: list[Request] = []   # running requests; _active[i] lives in cache row i
+        self._start: list[int] = []        # first cache column of each running request
+        self._pending: deque[Request] = deque()
+        self._requests: dict[str, Request] = {}  # waiting and running requests by id
+        self._cond = threading.Condition()  # guards _pending, _requests, _seeds; wakes the loop thread
+        self._step_lock = threading.Lock()
+        self._seeds = random.Random(seed)   # seeds of requests submitted without one
+        self._counter = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- client side (any thread) ----
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
+               stop_ids: Sequence[int] | None = None, seed: int | None = None,
+               on_token: Callable[[TokenEvent], None] | None = None, request_id: str | None = None) -> Request:
+        """Queue a request (prompt token ids). stop_ids default to the tokenizer's end-of-turn and EOS; a seed
+        makes a sampled request reproducible whatever else runs with it.
+
+        Raises ValueError for a request the model cannot serve (a server's 400), QueueFull when max_queue
+        requests already wait (429).
+        """
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if params.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if params.temperature < 0 or params.top_k < 0 or not 0 < params.top_p <= 1:
+            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        if len(prompt) + params.max_new_tokens > self.context:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                             f"the model's context of {self.context} tokens")
+        stops = self.default_stop_ids if stop_ids is None else [int(t) for t in stop_ids]
+        with self._cond:
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests already wait (max_queue={self.max_queue})")
+            rid = request_id if request_id is not None else f"req-{next(self._counter)}"
+            if rid in self._requests:
+                raise ValueError(f"request id {rid!r} is already in use")
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed if seed is not None else self._seeds.getrandbits(63))
+            req = Request(rid, prompt, params, stops, gen, on_token)
+            self._requests[rid] = req
+            self._pending.append(req)
+            self._cond.notify()
+        return req
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a waiting or running request at the next step (client disconnect); its slot is then reused.
+        Returns False if no such request is waiting or running."""
+        with self._cond:
+            req = self._requests.get(request_id)
+            if req is None or req.done:
+                return False
+            req._cancel = True
+            self._cond.notify()
+            return True
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._pending)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._active)
+
+    # ---- driving the loop ----
+
+    def start(self) -> None:
+        """Run the decode loop in a background thread until `stop()`."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the loop thread after its current step; requests still waiting or running are cancelled."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._step_lock:
+            self._abort_all("cancelled")
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def run_until_idle(self) -> int:
+        """Step in the caller's thread until nothing waits or runs; returns the number of tokens generated."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("the engine's loop thread is running; use it or run_until_idle, not both")
+        total = 0
+        while self._has_work():
+            total += self.step()
+        return total
+
+    def _has_work(self) -> bool:
+        with self._cond:
+            return bool(self._pending or self._active)
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or self._pending or self._active)
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # step() has already failed the requests it held; keep serving new ones
+                log.exception("engine step failed")
+
+    # ---- one step ----
+
+    @torch.no_grad()
+    def step(self) -> int:
+        """One scheduling round: drop cancelled requests, advance every running request by one token, then
+        admit waiting requests (prefill and first token). Returns the number of tokens generated."""
+        with self._step_lock:
+            try:
+                self._drop_cancelled()
+                return self._decode() + self._admit()
+            except BaseException as e:
+                self._abort_all("error", e)
+                raise
+
+    def _decode(self) -> int:
+        n = len(self._active)
+        if n == 0:
+            return 0
+        c = self.cache
+        dead = min(self._start)
+        if c.length + 1 > c.max_len or 2 * dead >= c.length:  # move all rows left over the dead columns
+            self._shift_rows(-dead)
+        L = c.length
+        start = torch.tensor(self._start, device=self.device)
+        mask = torch.arange(L + 1, device=self.device)[None] >= start[:, None]
+        ids = torch.tensor([[r.tokens[-1]] for r in self._active], device=self.device)
+        view = c.rows(0, n)
+        logits = self.model(ids, attention_mask=mask, position_ids=(L - start)[:, None], cache=view)
+        c.length = view.length
+        self._emit(0, logits[:, -1])
+        return n
+
+    def _admit(self) -> int:
+        with self._cond:
+            k = min(len(self._pending), self.max_batch - len(self._active))
+            joiners = [self._pending.popleft() for _ in range(k)]
+        if not joiners:
+            return 0
+        c, n = self.cache, len(self._active)
+        P = max(len(r.prompt) for r in joiners)
+        if n == 0:
+            c.length = P
+        elif P > c.length:  # make room on the left for the longest prompt
+            self._shift_rows(P - c.length)
+        L = c.length
+        ids = torch.full((len(joiners), P), self.pad_id, dtype=torch.long)
+        pmask = torch.zeros((len(joiners), P), dtype=torch.long)
+        for j, req in enumerate(joiners):
+            ids[j, P - len(req.prompt):] = torch.tensor(req.prompt)
+            pmask[j, P - len(req.prompt):] = 1
+            self._active.append(req)
+            self._start.append(L - len(req.prompt))
+        ids, pmask = ids.to(self.device), pmask.to(self.device)
+        # Prefill into rows [n, n + J), columns [L - P, L); older columns of these rows are masked out.
+        view = c.rows(n, n + len(joiners))
+        view.length = L - P
+        mask = torch.cat([torch.zeros((len(joiners), L - P), dtype=torch.long, device=self.device), pmask], 1)
+        logits = self.model(ids, attention_mask=mask, position_ids=positions_from_mask(pmask), cache=view)
+        self._emit(n, logits[:, -1])
+        return len(joiners)
+
+    def _shift_rows(self, d: int) -> None:
+        """Move the running rows d columns (right if d > 0), keeping their masks in step."""
+        view = self.cache.rows(0, len(self._active))
+        view.shift(d)
+        self.cache.length = view.length
+        self._start = [s + d for s in self._start]
+
+    def _emit(self, first: int, logits: torch.Tensor) -> None:
+        """Sample a token for running requests first.. from their last logits, report it, retire finished ones."""
+        rows = self._active[first:]
+        tokens, logps = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+        for req, t, lp in zip(rows, tokens, logps):
+            reason: FinishReason | None = None
+            if t in req.stop_ids:
+                reason = "stop"
+            elif len(req.tokens) + 1 >= req.params.max_new_tokens:
+                reason = "length"
+            req._emit(TokenEvent(t, lp, reason is not None, reason))
+        self._retire()
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            cancelled = [r for r in self._pending if r._cancel]
+            if cancelled:
+                self._pending = deque(r for r in self._pending if not r._cancel)
+        for req in cancelled:
+            self._finish(req, "cancelled")
+        for req in self._active:
+            if req._cancel and not req.done:
+                self._finish(req, "cancelled")
+        self._retire()
+
+    def _retire(self) -> None:
+        """Free the rows of finished requests, moving the last running row into each freed slot."""
+        for i in reversed(range(len(self._active))):
+            if not self._active[i].done:
+                continue
+            with self._cond:
+                self._requests.pop(self._active[i].id, None)
+            last = len(self._active) - 1
+            if i != last:
+                self.cache.copy_row(last, i)
+                self._active[i], self._start[i] = self._active[last], self._start[last]
+            self._active.pop()
+            self._start.pop()
+        if not self._active:
+            self.cache.length = 0
+
+    def _finish(self, req: Request, reason: FinishReason, error: BaseException | None = None) -> None:
+        """End a request without a token (cancelled, or the step failed)."""
+        if not req.done:
+            req.error = error
+            req._emit(TokenEvent(None, 0.0, True, reason))
+        with self._cond:
+            self._requests.pop(req.id, None)
+
+    def _abort_all(self, reason: FinishReason, error: BaseException | None = None) -> None:
+        with self._cond:
+            waiting = list(self._pending)
+            self._pending.clear()
+        for req in self._active + waiting:
+            self._finish(req, reason, error)
+        self._active, self._start = [], []
+        self.cache.length = 0
