@@ -22,3 +22,11 @@ def test_a_list_flag_does_not_swallow_the_overrides_after_it(capsys):
     assert main(["run", "--print-config", "--branches", "ppo", "grpo", "out=/tmp/lmforge-x", "seed=3"]) == 0
     out = capsys.readouterr().out
     assert "branches:\n- ppo\n- grpo\n" in out and "out: /tmp/lmforge-x" in out and "seed: 3" in out
+
+
+def test_a_list_flag_keeps_values_that_only_look_like_overrides(capsys):
+    argv = ["eval", "--policies", "sft=runs/sft", "ppo=runs/ppo", "max_new_tokens=9", "--prompts", "p.jsonl",
+            "--print-config"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "policies:\n- sft=runs/sft\n- ppo=runs/ppo\n" in out and "max_new_tokens: 9" in out

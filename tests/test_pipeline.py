@@ -121,6 +121,9 @@ def test_rerun_skips_finished_stages_and_from_reruns(tiny_run, capsys):
     out = capsys.readouterr().out
     assert all(f"{s}: up to date, skipped" in out for s in STAGE_DIRS)
     assert f"talk to the ppo policy: lmforge chat --model {tiny_run / 'ppo'}" in out
+    served = " ".join(f"--model {n}={tiny_run / d}" for n, d in
+                      [("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("dpo", "dpo"), ("grpo", "grpo")])
+    assert f"lmforge serve {served}" in out
     assert main(["run", "--preset", "tiny", "--out", str(tiny_run), "--from", "eval"]) == 0
     out = capsys.readouterr().out
     assert "ppo: up to date, skipped" in out and "eval: done" in out

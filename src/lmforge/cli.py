@@ -45,6 +45,7 @@ COMMANDS: dict[str, Any] = {
     "report": "lmforge.stages.report:COMMAND",
     "generate": "lmforge.generation:COMMAND",
     "chat": "lmforge.chat_cli:COMMAND",
+    "serve": "lmforge.serve:COMMAND",
     "import": {"hf": "lmforge.hf:IMPORT_HF", "gguf": "lmforge.hf:IMPORT_GGUF"},
     "export": {"hf": "lmforge.hf:EXPORT_HF"},
     "run": "lmforge.pipeline:COMMAND",
@@ -66,6 +67,7 @@ HELP = {
     "report": "the report (tables and plots) of a run directory",
     "generate": "sample text from a checkpoint",
     "chat": "talk to a policy checkpoint in the terminal (several turns, streamed)",
+    "serve": "serve checkpoints over an OpenAI-compatible HTTP API (continuous batching)",
     "import": "import hf|gguf: a Hugging Face folder or a GGUF file as an lmforge checkpoint",
     "export": "export hf: a checkpoint as a transformers folder (AutoModelForCausalLM)",
     "run": "the whole InstructGPT pipeline with a report",
@@ -122,12 +124,20 @@ class Command:
         overrides = list(args.overrides)
         for f in self.flags + ((self.positional,) if self.positional else ()):
             value = getattr(args, f.key, None)
-            if isinstance(value, list):  # a list flag swallows what follows it: key=value items are overrides
-                overrides = [v for v in value if _KEY_VALUE.match(v)] + overrides
-                value = [v for v in value if not _KEY_VALUE.match(v)] or None
+            if isinstance(value, list):  # a list flag swallows what follows it: config key=value items are overrides
+                overrides = [v for v in value if self.is_override(v)] + overrides
+                value = [v for v in value if not self.is_override(v)] or None
             if value is not None:
                 tree = _merge(tree, _key_tree(f.key, _flag_value(key_type(self.config, f.key), value)))
         return _merge(tree, parse_overrides(overrides))
+
+    def is_override(self, item: str) -> bool:
+        """Whether `item` is a key=value override of this command's config (not a value like sft=runs/sft)."""
+        return bool(_KEY_VALUE.match(item)) and item.split(".", 1)[0].split("=", 1)[0] in self.top_keys()
+
+    def top_keys(self) -> set[str]:
+        """The top-level config keys."""
+        return {f.name for f in dataclasses.fields(self.config)}
 
     def load(self, args: argparse.Namespace):
         """The typed config, every key and type checked against the dataclass."""

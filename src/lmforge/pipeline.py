@@ -301,6 +301,8 @@ def _run(cfg: RunConfig, from_stage: str | None = None) -> None:
     if policies:  # the PPO policy when the run made one, else the last policy
         name = "ppo" if "ppo" in policies else list(policies)[-1]
         print(f"[lmforge run] talk to the {name} policy: lmforge chat --model {policies[name]}")
+        models = " ".join(f"--model {n}={d}" for n, d in policies.items())
+        print(f"[lmforge run] serve every policy (OpenAI API on http://127.0.0.1:8000/v1): lmforge serve {models}")
 
 
 def _help_keys() -> list[str]:
@@ -321,6 +323,9 @@ class RunCommand(Command):
         p.add_argument("--from", dest="from_stage", metavar="STAGE",
                        help=f"rerun from this stage ({', '.join(s.name for s in STAGES)})")
         return p
+
+    def top_keys(self) -> set[str]:
+        return super().top_keys() | {s.name for s in STAGES}
 
     def load(self, args):
         return run_config(with_preset(super().tree(args)))
