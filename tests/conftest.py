@@ -1,9 +1,16 @@
 """Shared fixtures: a small tokenizer trained once per session and tiny model configs."""
 
-import pytest
-import torch
+import os
 
-from lmforge.model import ModelConfig
+# Hypothesis runs every installed package's "hypothesis" entry point when imported; trio 0.35 (pulled in by
+# selenium, for the browser test) registers one that no longer exists and crashes the session's end. lmforge's
+# tests use no third-party Hypothesis plugins.
+os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lmforge.model import ModelConfig  # noqa: E402
 
 torch.set_num_threads(1)  # small ops: one thread is faster and immune to a busy second core
 
