@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
@@ -437,6 +437,10 @@ def create_app(models: dict[str, ServedModel], api_key: str = "") -> FastAPI:
     def model_card(m: ServedModel) -> dict:
         return {"id": m.name, "object": "model", "created": m.created, "owned_by": "lmforge",
                 "context_length": m.engine.context}
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():  # a web chat over this API: web/chat.html (plain HTML/JS, no build step)
+        return HTMLResponse((Path(__file__).parent / "web" / "chat.html").read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():
