@@ -2,9 +2,6 @@
 (and raw HTTP where the client would hide the status): chat, streaming, completions, several models, n, stop
 strings, seeds, logprobs, 32 parallel streams, client disconnects, and every error answered in OpenAI's shape."""
 
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,34 +19,15 @@ from lmforge.checkpoint import load_model, save_checkpoint  # noqa: E402
 from lmforge.generation import SamplingParams, generate  # noqa: E402
 from lmforge.model import Transformer  # noqa: E402
 from lmforge.serve import ServeConfig, create_app, load_models, parse_model_spec  # noqa: E402
+from tests import http_server  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 KEY = "sk-test-key"
 HI = [{"role": "user", "content": "What is 2 + 3?"}]
 
 
-class Server:
-    """A uvicorn server in a background thread on a free port of 127.0.0.1."""
-
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.app, self.base = app, f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
+class Server(http_server.Server):
+    """The test server, with helpers to talk to it."""
 
     def client(self, api_key="none") -> "openai.OpenAI":
         return openai.OpenAI(base_url=self.base + "/v1", api_key=api_key, max_retries=0, timeout=60)

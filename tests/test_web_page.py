@@ -4,9 +4,7 @@ models mid-conversation, the conversation sent as `messages`, Stop (the server c
 UTF-8 characters split across network chunks, a screenshot, and a phone-width window."""
 
 import json
-import socket
 import struct
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +16,6 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 if not CHROMIUM.exists():
     pytest.skip("Chromium is not installed (/usr/bin/chromium; apt-get install chromium chromium-driver)",
                 allow_module_level=True)
-import uvicorn  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -26,6 +23,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 from lmforge.checkpoint import save_checkpoint  # noqa: E402
 from lmforge.model import Transformer  # noqa: E402
 from lmforge.serve import ServeConfig, create_app, load_models  # noqa: E402
+from tests import http_server  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 # Records the body of every POST the page makes (window.__sent), and can answer the next chat request with a
@@ -46,28 +44,8 @@ window.fetch = (url, opts = {}) => {
 """
 
 
-class Server:
-    """A uvicorn server in a background thread on a free port of 127.0.0.1."""
-
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.app, self.base = app, f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
+class Server(http_server.Server):
+    """The test server, with helpers to talk to it."""
 
     def get(self, path):
         with urllib.request.urlopen(self.base + path, timeout=30) as resp:

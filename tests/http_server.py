@@ -1,0 +1,31 @@
+"""A real uvicorn server in a background thread on a free port of 127.0.0.1, for the serve and web-page tests."""
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+
+class Server:
+    """`with Server(app) as s:` serves `app` at `s.base` until the block ends."""
+
+    def __init__(self, app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.app, self.base = app, f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
