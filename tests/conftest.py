@@ -39,3 +39,34 @@ def tiny_config(vocab_size=400, causal=True, **kw):
                 num_key_value_heads=2, max_position_embeddings=64, is_causal=causal)
     base.update(kw)
     return ModelConfig(**base)
+
+
+SFT_WORDS = "the quick brown fox jumps over the lazy dog apple red".split()
+
+
+def tiny_sft_policy(tok):
+    """A tiny policy taught (in ~1 s) to answer 'say N' with 1-4 words and <|end|>, so responses stop at
+    mixed lengths like a real SFT model's."""
+    from lmforge.chat import render
+    from lmforge.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    recs = [[{"role": "user", "content": f"say {i}"},
+             {"role": "assistant", "content": " ".join(SFT_WORDS[i % 5: i % 5 + 1 + i % 4])}] for i in range(16)]
+    rendered = [render(tok, m) for m in recs]
+    T = max(len(ids) for ids, _ in rendered)
+    ids = torch.full((16, T), tok.special.pad)
+    loss_mask, attn = torch.zeros(16, T), torch.zeros(16, T, dtype=torch.long)
+    for i, (x, m) in enumerate(rendered):
+        ids[i, :len(x)], loss_mask[i, :len(x)], attn[i, :len(x)] = torch.tensor(x), torch.tensor(m).float(), 1
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        logits = model(ids, attention_mask=attn)[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                reduction="none")
+        loss = (nll * loss_mask[:, 1:].reshape(-1)).sum() / loss_mask[:, 1:].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model

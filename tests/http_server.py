@@ -4,6 +4,7 @@ import socket
 import threading
 import time
 
+import torch
 import uvicorn
 
 
@@ -29,3 +30,16 @@ class Server:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def tiny_checkpoints(tok, root):
+    """Two tiny policies to serve: "tiny" (64 positions) and "long" (2048), same weights otherwise."""
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.model import Transformer
+    from tests.conftest import tiny_config
+
+    for name, context in (("tiny", 64), ("long", 2048)):
+        torch.manual_seed(0)
+        save_checkpoint(root / name, Transformer(tiny_config(tok.vocab_size, max_position_embeddings=context,
+                                                             init_std=0.2)), tok)
+    return root

@@ -5,7 +5,6 @@ strings, seeds, logprobs, 32 parallel streams, client disconnects, and every err
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -15,12 +14,10 @@ except ImportError:  # some openai builds ship the same client as httpx2
     httpx = pytest.importorskip("httpx2")
 
 from lmforge import chat  # noqa: E402
-from lmforge.checkpoint import load_model, save_checkpoint  # noqa: E402
+from lmforge.checkpoint import load_model  # noqa: E402
 from lmforge.generation import SamplingParams, generate  # noqa: E402
-from lmforge.model import Transformer  # noqa: E402
 from lmforge.serve import ServeConfig, create_app, load_models, parse_model_spec  # noqa: E402
 from tests import http_server  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
 
 KEY = "sk-test-key"
 HI = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -42,12 +39,7 @@ def _error(resp) -> dict:
 
 @pytest.fixture(scope="module")
 def checkpoints(tok, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    for name, context in (("tiny", 64), ("long", 2048)):
-        torch.manual_seed(0)
-        save_checkpoint(root / name, Transformer(tiny_config(tok.vocab_size, max_position_embeddings=context,
-                                                             init_std=0.2)), tok)
-    return root
+    return http_server.tiny_checkpoints(tok, tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 if not CHROMIUM.exists():
@@ -20,11 +19,8 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-from lmforge.checkpoint import save_checkpoint  # noqa: E402
-from lmforge.model import Transformer  # noqa: E402
 from lmforge.serve import ServeConfig, create_app, load_models  # noqa: E402
 from tests import http_server  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
 
 # Records the body of every POST the page makes (window.__sent), and can answer the next chat request with a
 # canned SSE body whose bytes arrive in the given pieces (window.__fake = [[byte, ...], ...]).
@@ -60,12 +56,7 @@ class Server(http_server.Server):
 
 @pytest.fixture(scope="module")
 def checkpoints(tok, tmp_path_factory):
-    root = tmp_path_factory.mktemp("web")
-    for name, context in (("tiny", 64), ("long", 2048)):
-        torch.manual_seed(0)
-        save_checkpoint(root / name, Transformer(tiny_config(tok.vocab_size, max_position_embeddings=context,
-                                                             init_std=0.2)), tok)
-    return root
+    return http_server.tiny_checkpoints(tok, tmp_path_factory.mktemp("web"))
 
 
 @pytest.fixture(scope="module")

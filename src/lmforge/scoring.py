@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from lmforge.chat import render_completion, render_encoder_pair
-from lmforge.checkpoint import load_model
+from lmforge.checkpoint import load_model, read_config
 from lmforge.errors import LmforgeError
 from lmforge.generation import left_pad
 from lmforge.model import Transformer, last_token_index
+from lmforge.tokenizer import check_same_tokenizer
 from lmforge.training import autocast
 
 
@@ -85,6 +86,32 @@ def fold_normalization(model: Transformer, meta: dict) -> None:
         head.weight.copy_(old.weight / std)
         head.bias.fill_(-mean / std + (float(old.bias) / std if old.bias is not None else 0.0))
     model.score = head
+
+
+def is_encoder(config: dict) -> bool:
+    """Whether a checkpoint's config.json describes a bidirectional (BERT-style) reward model."""
+    return config.get("lmforge", {}).get("backbone") == "encoder" or not config.get("is_causal", True)
+
+
+def check_reward_model(path: str, policy_fingerprint: str | None, policy: str, contexts: dict[str, int]) -> bool:
+    """Check that the checkpoint at `path` (config key 'reward_model') can score a policy's rollouts, before
+    anything is loaded; returns whether it is an encoder. A decoder scores the very ids the policy wrote, so it
+    must share the policy's tokenizer (`policy` names it in the error) and read the last token, and its context
+    joins `contexts`; an encoder re-encodes the text with its own tokenizer (`RewardScorer.score_rollouts`)."""
+    config = read_config(path)
+    meta = config.get("lmforge", {})
+    if meta.get("stage") != "rm" or meta.get("head") not in ("scalar", "both"):
+        raise LmforgeError(f"{path}: not a reward model checkpoint (stage {meta.get('stage')!r}); "
+                           "train one with `lmforge rm`")
+    if is_encoder(config):
+        return True
+    if meta.get("pooling", "last") != "last":
+        raise LmforgeError(f"{path}: a decoder reward model must score the last token "
+                           f"(this one uses pooling '{meta.get('pooling')}')")
+    check_same_tokenizer(meta.get("tokenizer_fingerprint"), policy_fingerprint, f"config key 'reward_model' ({path})",
+                         policy)
+    contexts["reward model"] = int(config["max_position_embeddings"])
+    return False
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

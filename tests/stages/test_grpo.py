@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmforge.chat import render
 from lmforge.checkpoint import load_model, load_training_state, read_config, save_checkpoint
 from lmforge.cli import main
 from lmforge.config import load_config
@@ -27,37 +26,12 @@ from lmforge.stages.grpo import GRPOConfig, build_trainer, run_grpo
 from lmforge.training import read_metrics
 from lmforge.world import flawed_response, ideal_response, prompt_family, rewards
 from lmforge.world.generate import sample_questions
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_sft_policy
 
-WORDS = "the quick brown fox jumps over the lazy dog apple red".split()
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "grpo_tiny.yaml")
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-def _tiny_sft(tok) -> Transformer:
-    """A tiny policy taught (in ~1 s) to answer 'say N' with 1-4 words and <|end|> (as in test_ppo.py)."""
-    torch.manual_seed(0)
-    model = Transformer(tiny_config())
-    recs = [[{"role": "user", "content": f"say {i}"},
-             {"role": "assistant", "content": " ".join(WORDS[i % 5: i % 5 + 1 + i % 4])}] for i in range(16)]
-    rendered = [render(tok, m) for m in recs]
-    T = max(len(ids) for ids, _ in rendered)
-    ids = torch.full((16, T), tok.special.pad)
-    loss_mask, attn = torch.zeros(16, T), torch.zeros(16, T, dtype=torch.long)
-    for i, (x, m) in enumerate(rendered):
-        ids[i, :len(x)], loss_mask[i, :len(x)], attn[i, :len(x)] = torch.tensor(x), torch.tensor(m).float(), 1
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        logits = model(ids, attention_mask=attn)[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                reduction="none")
-        loss = (nll * loss_mask[:, 1:].reshape(-1)).sum() / loss_mask[:, 1:].sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
-
 
 def _write(path, records):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
@@ -68,7 +42,7 @@ def _write(path, records):
 def ck(tok, tmp_path_factory):
     """A tiny SFT policy, a decoder and an encoder reward model (same tokenizer), toy prompts and world prompts."""
     d = tmp_path_factory.mktemp("grpo")
-    save_checkpoint(d / "sft", _tiny_sft(tok), tok, {"stage": "sft"})
+    save_checkpoint(d / "sft", tiny_sft_policy(tok), tok, {"stage": "sft"})
     torch.manual_seed(1)
     save_checkpoint(d / "rm", Transformer(tiny_config(), head="scalar"), tok,
                     {"stage": "rm", "backbone": "decoder", "pooling": "last", "reward_mean": 0.25, "reward_std": 2.0})

@@ -27,45 +27,19 @@ from lmforge.rl_utils import (KLController, clipped_surrogate, clipped_value_los
 from lmforge.rollout import load_prompts, policy_logprobs, sample_responses
 from lmforge.tokenizer import train_tokenizer
 from lmforge.training import read_metrics
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_sft_policy
 
-WORDS = "the quick brown fox jumps over the lazy dog apple red".split()
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
 
-def _tiny_sft(tok) -> Transformer:
-    """A tiny policy taught (in ~1 s) to answer 'say N' with 1-4 words and <|end|>, so responses stop at
-    mixed lengths like a real SFT model's."""
-    torch.manual_seed(0)
-    model = Transformer(tiny_config())
-    recs = [[{"role": "user", "content": f"say {i}"},
-             {"role": "assistant", "content": " ".join(WORDS[i % 5: i % 5 + 1 + i % 4])}] for i in range(16)]
-    rendered = [render(tok, m) for m in recs]
-    T = max(len(ids) for ids, _ in rendered)
-    ids = torch.full((16, T), tok.special.pad)
-    loss_mask, attn = torch.zeros(16, T), torch.zeros(16, T, dtype=torch.long)
-    for i, (x, m) in enumerate(rendered):
-        ids[i, :len(x)], loss_mask[i, :len(x)], attn[i, :len(x)] = torch.tensor(x), torch.tensor(m).float(), 1
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        logits = model(ids, attention_mask=attn)[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                reduction="none")
-        loss = (nll * loss_mask[:, 1:].reshape(-1)).sum() / loss_mask[:, 1:].sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
-
-
 @pytest.fixture(scope="module")
 def ck(tok, tmp_path_factory):
     """Paths of a tiny SFT policy, a tiny reward model (same tokenizer) and a prompt file of mixed lengths."""
     d = tmp_path_factory.mktemp("ppo")
-    save_checkpoint(d / "sft", _tiny_sft(tok), tok, {"stage": "sft"})
+    save_checkpoint(d / "sft", tiny_sft_policy(tok), tok, {"stage": "sft"})
     torch.manual_seed(1)
     save_checkpoint(d / "rm", Transformer(tiny_config(), head="scalar"), tok,
                     {"stage": "rm", "pooling": "last", "reward_mean": 0.25, "reward_std": 2.0})

@@ -42,9 +42,9 @@ from lmforge.rollout import (Experience, Prompt, RewardFn, RLTrainer, Samples, i
                              load_reward_fn, minibatch_epochs, policy_logprobs, prompt_indices, sample_responses,
                              scores_from_fn)
 from lmforge.rundir import RunDir
-from lmforge.scoring import RewardScorer, disable_dropout
+from lmforge.scoring import RewardScorer, check_reward_model, disable_dropout
 from lmforge.stage import Stage, StageContext
-from lmforge.tokenizer import Tokenizer, check_same_tokenizer
+from lmforge.tokenizer import Tokenizer
 from lmforge.training import (MetricsLogger, OptimConfig, autocast, build_optimizer, clip_and_step, pick_device,
                               rng_state, seed_everything, set_rng_state, synced_time)
 
@@ -303,19 +303,8 @@ def _check_inputs(cfg: GRPOConfig, reward_fn: RewardFn | None):
     tok = Tokenizer.load(resolve_checkpoint(cfg.sft_model))
     contexts = {"policy": int(sft["max_position_embeddings"])}
     if cfg.reward_model:
-        rm = read_config(cfg.reward_model)
-        rm_meta = rm.get("lmforge", {})
-        if rm_meta.get("stage") != "rm" or rm_meta.get("head") not in ("scalar", "both"):
-            raise LmforgeError(f"{cfg.reward_model}: not a reward model checkpoint (stage {rm_meta.get('stage')!r}); "
-                               "train one with `lmforge rm`")
-        # An encoder re-encodes the text with its own tokenizer, cut to its context (score_rollouts); a decoder
-        # scores the very ids the policy wrote, so it must share the tokenizer and fit prompt + response.
-        if rm_meta.get("backbone") != "encoder" and rm.get("is_causal", True):
-            check_same_tokenizer(rm_meta.get("tokenizer_fingerprint"),
-                                 sft_meta.get("tokenizer_fingerprint") or tok.fingerprint(),
-                                 f"config key 'reward_model' ({cfg.reward_model})",
-                                 f"config key 'sft_model' ({cfg.sft_model})")
-            contexts["reward model"] = int(rm["max_position_embeddings"])
+        check_reward_model(cfg.reward_model, sft_meta.get("tokenizer_fingerprint") or tok.fingerprint(),
+                           f"config key 'sft_model' ({cfg.sft_model})", contexts)
     if reward_fn is None and cfg.reward_fn:
         reward_fn = load_reward_fn(cfg.reward_fn)
     if not cfg.reward_model and reward_fn is None:

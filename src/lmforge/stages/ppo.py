@@ -42,7 +42,7 @@ from lmforge.generation import SamplingParams
 from lmforge.lora import (LoraConfig, apply_lora, check_resume_rank, load_trainable_state_dict, merged_copy,
                           merged_state_dict, plain_model, trainable_state_dict)
 from lmforge.model import Transformer
-from lmforge.scoring import RewardScorer, disable_dropout, fold_normalization
+from lmforge.scoring import RewardScorer, check_reward_model, disable_dropout, fold_normalization, is_encoder
 from lmforge.rl_utils import (
     KLController,
     clipped_surrogate,
@@ -70,7 +70,7 @@ from lmforge.rollout import (
     scores_from_fn,
 )
 from lmforge.ptx import PtxConfig, PtxSource
-from lmforge.tokenizer import Tokenizer, check_same_tokenizer
+from lmforge.tokenizer import Tokenizer
 from lmforge.training import (
     MetricsLogger,
     OptimConfig,
@@ -402,25 +402,11 @@ def _check_inputs(cfg: PPOConfig, has_reward_fn: bool):
     fingerprint = sft_meta.get("tokenizer_fingerprint") or tok.fingerprint()
     contexts = {"policy": int(sft["max_position_embeddings"])}
     if cfg.reward_model:
-        rm = read_config(cfg.reward_model)
-        rm_meta = rm.get("lmforge", {})
-        if rm_meta.get("stage") != "rm" or rm_meta.get("head") not in ("scalar", "both"):
-            raise LmforgeError(f"{cfg.reward_model}: not a reward model checkpoint (stage {rm_meta.get('stage')!r}); "
-                               "train one with `lmforge rm`")
-        if rm_meta.get("backbone") == "encoder" or not rm.get("is_causal", True):
-            # The seed's BERT-style reward model re-encodes prompt + response text in its own layout with its
-            # own tokenizer (RewardScorer.score_rollouts), cut to its context; it cannot be the critic.
-            if cfg.critic_init == "reward":
-                print(f"note: {cfg.reward_model} is an encoder reward model; the critic starts from the SFT model "
-                      "with a new value head (critic_init=sft)")
-        else:
-            if rm_meta.get("pooling", "last") != "last":
-                raise LmforgeError(f"{cfg.reward_model}: a decoder reward model must score the last token "
-                                   f"(this one uses pooling '{rm_meta.get('pooling')}')")
-            check_same_tokenizer(rm_meta.get("tokenizer_fingerprint"), fingerprint,
-                                 f"config key 'reward_model' ({cfg.reward_model})",
-                                 f"config key 'sft_model' ({cfg.sft_model})")
-            contexts["reward model"] = int(rm["max_position_embeddings"])
+        encoder = check_reward_model(cfg.reward_model, fingerprint, f"config key 'sft_model' ({cfg.sft_model})",
+                                     contexts)
+        if encoder and cfg.critic_init == "reward":  # another layout and tokenizer: it cannot be the critic
+            print(f"note: {cfg.reward_model} is an encoder reward model; the critic starts from the SFT model "
+                  "with a new value head (critic_init=sft)")
     elif not has_reward_fn:
         raise LmforgeError("config key 'reward_model' is required (the reward model checkpoint directory)")
     if cfg.critic_init == "reward" and not cfg.reward_model:
@@ -440,8 +426,7 @@ def critic_from_reward_model(cfg: PPOConfig) -> bool:
     encoder reads other token ids in another layout, so the critic then starts from the SFT model."""
     if cfg.critic_init != "reward" or not cfg.reward_model:
         return False
-    rm = read_config(cfg.reward_model)
-    return rm.get("is_causal", True) and rm.get("lmforge", {}).get("backbone") != "encoder"
+    return not is_encoder(read_config(cfg.reward_model))
 
 
 def build_trainer(cfg: PPOConfig, tok: Tokenizer, device: torch.device | str = "cpu",
