@@ -88,7 +88,7 @@ def test_sample_follows_the_filtered_distribution():
     draws = {}
     for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_k=2),
                    SamplingParams(temperature=1.0, top_p=0.7)):
-        tokens, logps = sample(logits.expand(3000, 5), [params] * 3000, [gen] * 3000)
+        tokens, logps = sample(logits.expand(3000, 5), [params] * 3000, torch.rand(3000, generator=gen).tolist())
         expect = torch.log_softmax(logits[0] / params.temperature, -1)[tokens]
         assert torch.allclose(torch.tensor(logps), expect, atol=1e-5)
         draws[(params.top_k, params.top_p)] = torch.bincount(torch.tensor(tokens), minlength=5) / 3000
@@ -96,7 +96,7 @@ def test_sample_follows_the_filtered_distribution():
     top2 = torch.softmax(logits[0, :2] / 0.5, -1)
     assert torch.allclose(draws[(2, 1.0)], torch.cat([top2, torch.zeros(3)]), atol=0.03)
     assert draws[(0, 0.7)][2:].sum() == 0 and draws[(0, 0.7)][1] > 0.2  # nucleus {0, 1}: p0 = 0.67 < 0.7
-    greedy, _ = sample(logits.repeat(2, 1), [SamplingParams(temperature=0.0), SamplingParams(top_k=1)], [gen, gen])
+    greedy, _ = sample(logits.repeat(2, 1), [SamplingParams(temperature=0.0), SamplingParams(top_k=1)], [0.5, 0.9])
     assert greedy == [0, 0]
 
 
@@ -119,6 +119,29 @@ def test_cancel_frees_the_slot_and_others_finish():
         assert r.finish_reason == "length" and r.tokens == _alone(model, r.prompt, r.params)[0]
     events = list(a)
     assert events[-1].finished and events[-1].token is None and len(events) == 4
+
+
+def test_waiting_requests_join_together_per_the_waiting_served_ratio():
+    model = _model()
+    eng = Engine(model, max_batch=8, waiting_served_ratio=0.5, max_waiting_steps=3)
+    long = [eng.submit(p, SamplingParams(40, 0.0), stop_ids=[]) for p in _prompts(4, 3, 6)]
+    eng.step()
+    assert eng.num_running == 4  # nothing ran: admitted at once
+    late = eng.submit([5, 6, 7], SamplingParams(5, 0.0), stop_ids=[])
+    for _ in range(3):  # 1 waiting < 0.5 x 4 running: held back for max_waiting_steps decode steps
+        eng.step()
+        assert eng.num_running == 4 and eng.num_waiting == 1
+    eng.step()
+    assert eng.num_running == 5 and eng.num_waiting == 0 and len(late.tokens) == 1
+    pair = [eng.submit(p, SamplingParams(5, 0.0), stop_ids=[]) for p in _prompts(2, 2, 4, seed=3)]
+    eng.step()  # 2 waiting >= 0.5 x 5 running is false, 2 < 3 free slots: wait
+    assert eng.num_waiting == 2
+    trio = eng.submit([9, 9], SamplingParams(5, 0.0), stop_ids=[])
+    eng.step()  # 3 waiting fill the 3 free slots: no reason to wait
+    assert eng.num_waiting == 0 and eng.num_running == 8
+    eng.run_until_idle()
+    for req in long + [late, trio] + pair:  # holding requests back changes when they run, not what they say
+        assert req.tokens == _alone(model, req.prompt, req.params)[0]
 
 
 def test_queue_bound_raises_queue_full():
@@ -207,13 +230,13 @@ def test_stop_cancels_unfinished_requests():
 def test_batching_is_real_few_forward_calls():
     model = _model()
     calls = []
-    forward = model.forward
+    forward = model.hidden_states
 
     def counting_forward(*args, **kw):
         calls.append(args[0].shape)
         return forward(*args, **kw)
 
-    model.forward = counting_forward
+    model.hidden_states = counting_forward
     eng = Engine(model, max_batch=8)
     reqs = [eng.submit(p, SamplingParams(16, 0.0), stop_ids=[]) for p in _prompts(8, 4, 12, seed=5)]
     eng.run_until_idle()

@@ -251,3 +251,18 @@ def test_a_non_streaming_client_that_gives_up_cancels_its_request(server):
     (req,) = submitted
     assert req.wait(20)
     assert req.finish_reason == "cancelled" and len(req.tokens) < 2000
+
+
+def test_a_crashed_engine_answers_503_and_the_server_stays_up(checkpoints):
+    import os
+    import signal
+
+    cfg = ServeConfig(model=[f"tiny={checkpoints / 'tiny'}", f"long={checkpoints / 'long'}"], device="cpu")
+    with Server(create_app(load_models(cfg))) as srv:
+        os.kill(srv.app.state.models["tiny"].engine._proc.pid, signal.SIGKILL)
+        srv.app.state.models["tiny"].engine._reader.join(10)  # the reader sees the pipe close
+        resp = httpx.post(srv.base + "/v1/chat/completions", json={"model": "tiny", "messages": HI})
+        assert resp.status_code == 503 and _error(resp)["code"] == "engine_stopped"
+        reply = srv.client().chat.completions.create(model="long", messages=HI, max_tokens=4)
+        assert reply.usage.completion_tokens >= 1  # the other model still answers
+        assert httpx.get(srv.base + "/health").status_code == 200

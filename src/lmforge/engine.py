@@ -15,16 +15,23 @@ Design: one KVCache of `max_batch` rows x the model's context, in the left-padde
   rotary position `length - start_i`, so its logits are those of the request decoded alone. A joining request
   is prefilled straight into its row, right-aligned at `length` (the cache moves right first if its prompt is
   longer than `length`).
-* Columns left of every row are dead; when the cache is full, or half of it is dead, all rows move left
-  (`KVCache.shift`). A row spans at most prompt + max_new_tokens - 1 columns, which submit keeps within the
-  context, so there is always room.
+* Columns left of every row are dead: each forward sees the cache through a window (`KVCache.rows`) that starts
+  at the oldest running row's first column, so they cost nothing; when the cache is full all rows move left
+  over them (`KVCache.shift`). A row spans at most prompt + max_new_tokens - 1 columns, which submit keeps
+  within the context, so there is always room.
 
-This keeps `Transformer.forward` and `KVCache.update` as they are (the engine passes masks and position ids),
+Admission follows Hugging Face TGI's policy: while rows are running, waiting requests join when they fill the
+free slots, number at least `waiting_served_ratio` x the running ones, or have waited `max_waiting_steps` decode
+steps. At this scale a forward costs mostly per-op overhead, so one prefill of ten prompts costs about what one
+of a single prompt does; joining one by one would spend a prefill forward on nearly every step.
+
+This keeps `Transformer.hidden_states` and `KVCache.update` as they are (the engine passes masks and positions),
 and costs at most one prefill and one decode forward per step. The price is attention over the columns of the
 longest running row for every row, and an occasional copy when rows move: fine at this scale; a paged cache
 would remove both.
 
-Per-token output goes to a queue per request (`Request.events`, or iterate the request) and, if given, to an
+`lmforge.engine_process.EngineProcess` runs an Engine in a process of its own behind the same client API
+(what `lmforge serve` uses). Per-token output goes to a queue per request (`Request.events`, or iterate the request) and, if given, to an
 `on_token` callback run on the engine thread. An asyncio server hands events to its loop:
 
     q = asyncio.Queue()
@@ -79,10 +86,11 @@ class Request:
     """A submitted request: prompt, sampling settings, and its output so far."""
 
     def __init__(self, id: str, prompt: list[int], params: SamplingParams, stop_ids: Sequence[int],
-                 generator: torch.Generator, on_token: Callable[[TokenEvent], None] | None):
+                 uniforms: list[float], on_token: Callable[[TokenEvent], None] | None):
         self.id, self.prompt, self.params = id, prompt, params
         self.stop_ids = frozenset(stop_ids)
-        self.generator, self.on_token = generator, on_token
+        self.uniforms = uniforms  # one per token to sample, drawn from the request's seed (see `sample`)
+        self.on_token = on_token
         self.events: queue.Queue[TokenEvent] = queue.Queue()
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
@@ -124,14 +132,30 @@ class Request:
             self._done.set()
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+def check_request(prompt: list[int], params: SamplingParams, vocab_size: int, context: int) -> None:
+    """Raise ValueError (a server's 400) for a request a model with this vocabulary and context cannot serve."""
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if any(t < 0 or t >= vocab_size for t in prompt):
+        raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+    if params.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    if params.temperature < 0 or params.top_k < 0 or not 0 < params.top_p <= 1:
+        raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+    if len(prompt) + params.max_new_tokens > context:
+        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                         f"the model's context of {context} tokens")
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float],
            ) -> tuple[list[int], list[float]]:
     """Next token of each row under its own settings, and its log-prob under logits/temperature.
 
-    A sampled row draws one uniform number from its own generator and inverts the CDF of its (top-k / top-p
-    filtered) distribution: the draw never depends on the other rows, and one batched search replaces a
-    torch.multinomial call per row (which costs more than the forward at 32 rows). So a seed reproduces a
-    request in any batch, but not `generate`'s text for the same seed.
+    A sampled row inverts the CDF of its (top-k / top-p filtered) distribution at its own uniform number in
+    [0, 1): the draw never depends on the other rows, and one batched search replaces a torch.multinomial
+    call per row (which costs more than the forward at 32 rows). Each request draws its uniforms from its own
+    seeded generator when it is submitted, so a seed reproduces a request in any batch, but not `generate`'s
+    text for the same seed.
     """
     logits = logits.float()
     temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
@@ -142,12 +166,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         groups: dict[tuple[int, float], list[int]] = {}
         for j, i in enumerate(rows):
             groups.setdefault((params[i].top_k, params[i].top_p), []).append(j)
-        filtered = scaled[rows]
+        filtered = scaled[rows] if len(rows) < len(params) else scaled.clone()
         for (top_k, top_p), idx in groups.items():
             if top_k or top_p < 1.0:
                 filtered[idx] = filter_logits(filtered[idx], top_k, top_p)
         cdf = F.softmax(filtered, dim=-1).double().cumsum(-1)
-        u = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in rows]).double()
+        u = torch.tensor([uniforms[i] for i in rows], dtype=torch.float64, device=logits.device)
         nxt[rows] = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # skips p = 0 tokens
     logp = F.log_softmax(scaled, dim=-1).gather(-1, nxt[:, None])[:, 0]
     return nxt.tolist(), logp.tolist()
@@ -161,12 +185,12 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tok: Tokenizer | None = None, max_batch: int = 8, max_queue: int = 64,
-                 seed: int | None = None):
+                 seed: int | None = None, waiting_served_ratio: float = 0.3, max_waiting_steps: int = 20):
         cfg = model.config
         if not cfg.is_causal or model.head == "scalar":
             raise ValueError("the engine needs a causal model with an LM head")
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if max_batch < 1 or max_queue < 0 or waiting_served_ratio < 0 or max_waiting_steps < 0:
+            raise ValueError("max_batch must be >= 1; max_queue, waiting_served_ratio, max_waiting_steps >= 0")
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.context = cfg.max_position_embeddings
@@ -184,6 +208,8 @@ class Engine:
         self._counter = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.waiting_served_ratio, self.max_waiting_steps = waiting_served_ratio, max_waiting_steps
+        self._waited = 0  # decode steps the waiting requests have been held back (see _admit)
 
     # ---- client side (any thread) ----
 
@@ -198,18 +224,7 @@ class Engine:
         """
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt]
-        vocab = self.model.config.vocab_size
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        if params.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if params.temperature < 0 or params.top_k < 0 or not 0 < params.top_p <= 1:
-            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
-        if len(prompt) + params.max_new_tokens > self.context:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                             f"the model's context of {self.context} tokens")
+        check_request(prompt, params, self.model.config.vocab_size, self.context)
         stops = self.default_stop_ids if stop_ids is None else [int(t) for t in stop_ids]
         with self._cond:
             if len(self._pending) >= self.max_queue:
@@ -217,9 +232,10 @@ class Engine:
             rid = request_id if request_id is not None else f"req-{next(self._counter)}"
             if rid in self._requests:
                 raise ValueError(f"request id {rid!r} is already in use")
-            gen = torch.Generator(device=self.device)
+            gen = torch.Generator()
             gen.manual_seed(seed if seed is not None else self._seeds.getrandbits(63))
-            req = Request(rid, prompt, params, stops, gen, on_token)
+            uniforms = torch.rand(params.max_new_tokens, generator=gen, dtype=torch.float64).tolist()
+            req = Request(rid, prompt, params, stops, uniforms, on_token)
             self._requests[rid] = req
             self._pending.append(req)
             self._cond.notify()
@@ -315,22 +331,31 @@ class Engine:
         if n == 0:
             return 0
         c = self.cache
-        dead = min(self._start)
-        if c.length + 1 > c.max_len or 2 * dead >= c.length:  # move all rows left over the dead columns
-            self._shift_rows(-dead)
-        L = c.length
+        if c.length + 1 > c.max_len:  # full: move all rows left over the dead columns
+            self._shift_rows(-min(self._start))
+        # Attend through a window that starts at the oldest live column: dead columns cost nothing.
+        dead, L = min(self._start), c.length
         start = torch.tensor(self._start, device=self.device)
-        mask = torch.arange(L + 1, device=self.device)[None] >= start[:, None]
+        mask = torch.arange(dead, L + 1, device=self.device)[None] >= start[:, None]
         ids = torch.tensor([[r.tokens[-1]] for r in self._active], device=self.device)
-        view = c.rows(0, n)
-        logits = self.model(ids, attention_mask=mask, position_ids=(L - start)[:, None], cache=view)
-        c.length = view.length
-        self._emit(0, logits[:, -1])
+        view = c.rows(0, n, first_column=dead)
+        logits = self._last_logits(ids, mask, (L - start)[:, None], view)
+        c.length = dead + view.length
+        self._emit(0, logits)
         return n
 
     def _admit(self) -> int:
         with self._cond:
             k = min(len(self._pending), self.max_batch - len(self._active))
+            # Batch the prefills (TGI's policy): while rows run and the queue neither fills the free slots nor
+            # reaches waiting_served_ratio x running, let it grow for up to max_waiting_steps decode steps. One
+            # prefill of many prompts costs far less than many prefills of one, at some first-token latency.
+            free = self.max_batch - len(self._active)
+            if (self._active and 0 < k < free and k < self.waiting_served_ratio * len(self._active)
+                    and self._waited < self.max_waiting_steps):
+                self._waited += 1
+                return 0
+            self._waited = 0
             joiners = [self._pending.popleft() for _ in range(k)]
         if not joiners:
             return 0
@@ -349,13 +374,16 @@ class Engine:
             self._active.append(req)
             self._start.append(L - len(req.prompt))
         ids, pmask = ids.to(self.device), pmask.to(self.device)
-        # Prefill into rows [n, n + J), columns [L - P, L); older columns of these rows are masked out.
-        view = c.rows(n, n + len(joiners))
-        view.length = L - P
-        mask = torch.cat([torch.zeros((len(joiners), L - P), dtype=torch.long, device=self.device), pmask], 1)
-        logits = self.model(ids, attention_mask=mask, position_ids=positions_from_mask(pmask), cache=view)
-        self._emit(n, logits[:, -1])
+        # Prefill into rows [n, n + J), columns [L - P, L): a window that starts at the prompts.
+        view = c.rows(n, n + len(joiners), first_column=L - P)
+        view.length = 0
+        self._emit(n, self._last_logits(ids, pmask, positions_from_mask(pmask), view))
         return len(joiners)
+
+    def _last_logits(self, ids, mask, positions, view: KVCache) -> torch.Tensor:
+        """Logits at each row's last position only: a prefill needs no LM head over the whole prompt."""
+        h = self.model.hidden_states(ids, attention_mask=mask, position_ids=positions, cache=view)
+        return self.model.lm_head(h[:, -1])
 
     def _shift_rows(self, d: int) -> None:
         """Move the running rows d columns (right if d > 0), keeping their masks in step."""
@@ -367,7 +395,7 @@ class Engine:
     def _emit(self, first: int, logits: torch.Tensor) -> None:
         """Sample a token for running requests first.. from their last logits, report it, retire finished ones."""
         rows = self._active[first:]
-        tokens, logps = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+        tokens, logps = sample(logits, [r.params for r in rows], [r.uniforms[len(r.tokens)] for r in rows])
         for req, t, lp in zip(rows, tokens, logps):
             reason: FinishReason | None = None
             if t in req.stop_ids:

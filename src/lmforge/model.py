@@ -116,14 +116,21 @@ def apply_rotary(x, cos, sin):
 
 
 class KVCache:
-    """Pre-allocated keys/values per layer for incremental decoding. `length` = positions filled so far."""
+    """Pre-allocated keys/values per layer for incremental decoding. `length` = positions filled so far.
+
+    All layers' keys and values live in one buffer (layer, k/v, batch, kv-head, position, head-dim), so moving
+    rows or columns (continuous batching) is one copy, not one per layer."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        shape = (cfg.num_hidden_layers, 2, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self._set(torch.zeros(shape, device=device, dtype=dtype))
         self.length = 0
         self.max_len = max_len
+
+    def _set(self, buf: torch.Tensor) -> None:
+        self.buf = buf
+        self.k = [buf[i, 0] for i in range(buf.shape[0])]
+        self.v = [buf[i, 1] for i in range(buf.shape[0])]
 
     def update(self, layer: int, k, v):
         t0, t1 = self.length, self.length + k.shape[2]
@@ -135,23 +142,22 @@ class KVCache:
 
     def select(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (drop finished sequences)."""
-        self.k = [k[index] for k in self.k]
-        self.v = [v[index] for v in self.v]
+        self._set(self.buf[:, :, index])
 
     # Continuous batching (lmforge.engine) keeps a fixed-size cache and moves rows and columns inside it.
 
-    def rows(self, start: int, stop: int) -> KVCache:
-        """A cache over batch rows [start, stop) that shares this one's storage (its writes land here)."""
+    def rows(self, start: int, stop: int, first_column: int = 0) -> KVCache:
+        """A cache over batch rows [start, stop) and the columns from `first_column` on, sharing this one's
+        storage (its writes land here); its length counts from first_column. Attention through it skips the
+        columns left of first_column."""
         view = KVCache.__new__(KVCache)
-        view.k = [k[start:stop] for k in self.k]
-        view.v = [v[start:stop] for v in self.v]
-        view.length, view.max_len = self.length, self.max_len
+        view._set(self.buf[:, :, start:stop, :, first_column:])
+        view.length, view.max_len = self.length - first_column, self.max_len - first_column
         return view
 
     def copy_row(self, src: int, dst: int) -> None:
         """Overwrite batch row `dst` with row `src` (re-packing rows when one leaves)."""
-        for t in self.k + self.v:
-            t[dst, :, :self.length] = t[src, :, :self.length]
+        self.buf[:, :, dst, :, :self.length] = self.buf[:, :, src, :, :self.length]
 
     def shift(self, n: int) -> None:
         """Move the filled positions n columns right (n > 0: free columns on the left) or drop the first -n
@@ -160,11 +166,11 @@ class KVCache:
             return
         if self.length + n > self.max_len or self.length + n < 0:
             raise LmforgeError(f"KV cache shift by {n} leaves [0, {self.max_len}) ({self.length} filled)")
-        for t in self.k + self.v:
-            if n > 0:
-                t[:, :, n:n + self.length] = t[:, :, :self.length].clone()
-            else:
-                t[:, :, :self.length + n] = t[:, :, -n:self.length].clone()
+        b, L = self.buf, self.length
+        if n > 0:
+            b[..., n:n + L, :] = b[..., :L, :].clone()
+        else:
+            b[..., :L + n, :] = b[..., -n:L, :].clone()
         self.length += n
 
 

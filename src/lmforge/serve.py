@@ -7,12 +7,13 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (both with `stream`: 
 
 Design:
 
-* One `lmforge.engine.Engine` per served model, started with the app and stopped with it. Decoding runs on the
-  engine's thread; the asyncio loop never runs the model. A request with n=k submits k engine requests (choice
-  i gets seed + i when a seed is given, so the choices differ yet reproduce), and the engine batches them with
-  everything else in flight.
-* A `Job` is one HTTP request's engine requests. Their token events reach the loop through
-  `loop.call_soon_threadsafe` onto one asyncio.Queue; a `Choice` per engine request turns tokens into text
+* One continuous-batching engine per served model, started with the app and stopped with it: by default in a
+  process of its own (`lmforge.engine_process`: HTTP work and the model's Python then do not share one
+  interpreter lock), with `engine_process=false` on a thread of this one. The asyncio loop never runs the
+  model. A request with n=k submits k engine requests (choice i gets seed + i when a seed is given, so the
+  choices differ yet reproduce), and the engine batches them with everything else in flight.
+* A `Job` is one HTTP request's engine requests. Their token events reach the loop through a `LoopRelay` (one
+  wake-up of the loop for all events of a decode step) onto one asyncio.Queue; a `Choice` per engine request turns tokens into text
   (UTF-8 safe) and applies the stop strings: text that could still become a stop string is held back, and on
   a match the text is cut there, the engine request cancelled and the choice ends with finish_reason "stop".
   The same events feed the streaming (SSE chunks) and the non-streaming (one JSON body) answer.
@@ -20,7 +21,8 @@ Design:
   http.disconnect), its unfinished engine requests are cancelled and free their batch rows at the next step.
 * Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: invalid JSON or fields -> 400,
   prompt + max_tokens beyond the context -> 400, unknown model -> 404 (model_not_found), bad or missing API
-  key -> 401, engine queue full -> 429 with Retry-After. The server stays up after every one of them.
+  key -> 401, engine queue full -> 429 with Retry-After, a crashed engine process -> 503 (engine_stopped). The
+  server stays up after every one of them.
 * Chat requests are rendered with the model's own chat template and stop at its end-of-turn / EOS tokens
   (`chat.stop_ids`); completions continue raw text ([BOS] text, as `lmforge generate --raw`).
 """
@@ -33,11 +35,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -47,6 +51,7 @@ from starlette.exceptions import HTTPException
 from lmforge import chat
 from lmforge.cli import Command, Flag
 from lmforge.engine import Engine, QueueFull, TokenEvent
+from lmforge.engine_process import EngineProcess, EngineStopped
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.generation import SamplingParams, Utf8Streamer
 from lmforge.tokenizer import Tokenizer
@@ -65,6 +70,9 @@ class ServeConfig:
     api_key: str = ""               # if set, requests need `Authorization: Bearer KEY` ("" = no auth)
     max_batch: int = 8              # requests decoded together per model
     max_queue: int = 64             # requests waiting per model before answering 429
+    waiting_served_ratio: float = 0.3  # while decoding, waiting requests join once they are this x the running ones
+    max_waiting_steps: int = 20     # ... or after this many decode steps (TGI's policy: batched prefills)
+    engine_process: bool = True     # decode in a process of its own (False: on a thread of the server's process)
     device: str = "auto"
 
     def validate(self) -> None:
@@ -74,6 +82,10 @@ class ServeConfig:
             raise ConfigError("max_batch", "must be >= 1")
         if self.max_queue < 0:
             raise ConfigError("max_queue", "must be >= 0")
+        if self.waiting_served_ratio < 0:
+            raise ConfigError("waiting_served_ratio", "must be >= 0")
+        if self.max_waiting_steps < 0:
+            raise ConfigError("max_waiting_steps", "must be >= 0")
         if not 0 <= self.port < 65536:
             raise ConfigError("port", "must be in [0, 65535]")
         names = [name for name, _ in map(parse_model_spec, self.model)]
@@ -95,20 +107,37 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
 class ServedModel:
     """One model the server answers for: its name, tokenizer and engine."""
     name: str
-    engine: Engine
+    engine: Engine | EngineProcess
     tok: Tokenizer
     created: int = field(default_factory=lambda: int(time.time()))
 
 
 def load_models(cfg: ServeConfig) -> dict[str, ServedModel]:
-    """Load every checkpoint of the config and build its (not yet started) engine."""
+    """Load every checkpoint of the config and build its (not yet started) engine: in a process of its own
+    (`engine_process`, the default: see lmforge.engine_process) or on a thread of this one."""
     from lmforge.checkpoint import load_model
     from lmforge.training import pick_device
 
     device, out = pick_device(cfg.device), {}
-    for name, path in map(parse_model_spec, cfg.model):
-        model, tok, _ = load_model(path, head="lm", device=device)
-        out[name] = ServedModel(name, Engine(model, tok, cfg.max_batch, cfg.max_queue), tok)
+    settings = {"max_batch": cfg.max_batch, "max_queue": cfg.max_queue,
+                "waiting_served_ratio": cfg.waiting_served_ratio, "max_waiting_steps": cfg.max_waiting_steps}
+    engines: dict[str, Engine | EngineProcess] = {}
+    try:
+        for name, path in map(parse_model_spec, cfg.model):
+            if cfg.engine_process:  # the children load in parallel
+                engines[name] = EngineProcess(path, str(device), **settings, wait=False)
+            else:
+                model, tok, _ = load_model(path, head="lm", device=device)
+                engines[name] = Engine(model, tok, **settings)
+                out[name] = ServedModel(name, engines[name], tok)
+        for name, engine in engines.items():
+            if isinstance(engine, EngineProcess):
+                engine.wait_loaded()
+                out[name] = ServedModel(name, engine, engine.tok)
+    except BaseException:
+        for engine in engines.values():
+            engine.stop()
+        raise
     return out
 
 
@@ -246,6 +275,36 @@ class Choice:
         return max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
 
 
+class LoopRelay:
+    """Runs callbacks from the engine thread on an event loop, with one wake-up for all the events that arrived
+    since the loop's last turn instead of one per token (32 running requests would otherwise cost 32 wake-ups
+    of the loop, each a system call and a contended GIL hand-over, per decode step)."""
+
+    _of_loop: ClassVar[weakref.WeakKeyDictionary][asyncio.AbstractEventLoop, LoopRelay] = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.calls, self.scheduled = loop, deque(), False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> LoopRelay:
+        if loop not in cls._of_loop:
+            cls._of_loop[loop] = cls(loop)
+        return cls._of_loop[loop]
+
+    def post(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """Call fn(arg) on the loop (any thread). Raises RuntimeError once the loop is closed."""
+        self.calls.append((fn, arg))
+        if not self.scheduled:  # the drain resets the flag before it empties the deque: nothing is stranded
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self.scheduled = False
+        while self.calls:
+            fn, arg = self.calls.popleft()
+            fn(arg)
+
+
 class Job:
     """The engine requests (n per prompt) of one HTTP request, their events gathered on one asyncio queue."""
 
@@ -270,9 +329,13 @@ class Job:
         except ValueError as e:
             self.cancel()
             raise APIError(400, str(e)) from None
+        except EngineStopped as e:
+            self.cancel()
+            raise APIError(503, f"{e}; restart the server.", type="server_error", code="engine_stopped") from None
 
     def _sender(self, loop: asyncio.AbstractEventLoop, i: int):
-        return lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+        relay = LoopRelay.of(loop)
+        return lambda ev: relay.post(self.queue.put_nowait, (i, ev))
 
     def cancel(self) -> None:
         for c in self.choices:
