@@ -7,15 +7,14 @@ import json
 import struct
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+from tests.browser import CHROMIUM, start_chromium  # noqa: E402
+
 if not CHROMIUM.exists():
     pytest.skip("Chromium is not installed (/usr/bin/chromium; apt-get install chromium chromium-driver)",
                 allow_module_level=True)
-from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
@@ -68,13 +67,7 @@ def server(checkpoints):
 
 @pytest.fixture
 def browser(tmp_path):
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
-    driver.set_window_size(1200, 900)
+    driver = start_chromium(tmp_path / "profile")
     try:
         yield driver
     finally:

@@ -36,7 +36,7 @@ COMMANDS: dict[str, Any] = {
     "pretrain": "lmforge.stages.pretrain:COMMAND",
     "sft": "lmforge.stages.sft:COMMAND",
     "sample": "lmforge.stages.sample:COMMAND",
-    "label": "lmforge.stages.label:COMMAND",
+    "label": {"rank": "lmforge.stages.label:COMMAND", "agreement": "lmforge.stages.label:AGREEMENT"},
     "rm": {"train": "lmforge.stages.rm:COMMAND", "score": "lmforge.stages.rm:SCORE_COMMAND"},
     "ppo": "lmforge.stages.ppo:COMMAND",
     "grpo": "lmforge.stages.grpo:COMMAND",
@@ -58,7 +58,7 @@ HELP = {
     "pretrain": "pretrain a Transformer (objective clm or mlm)",
     "sft": "supervised instruction fine-tuning, loss on responses only",
     "sample": "write K candidate responses per prompt",
-    "label": "rank candidates with a judge into the seed's ranked format",
+    "label": "label rank: rank candidates with a judge (oracle, openai, human page); label agreement: labellers' agreement",
     "rm": "rm train: train a reward model; rm score: score records with one",
     "ppo": "RLHF with PPO against a reward model",
     "grpo": "RL with GRPO: group-relative advantages, no critic (reward model and/or a reward function)",
@@ -72,7 +72,7 @@ HELP = {
     "export": "export hf: a checkpoint as a transformers folder (AutoModelForCausalLM)",
     "run": "the whole InstructGPT pipeline with a report",
 }
-DEFAULT_SUBCOMMAND = {"rm": "train"}  # `lmforge rm --config ...` trains, as before subcommands existed
+DEFAULT_SUBCOMMAND = {"rm": "train", "label": "rank"}  # `lmforge rm --config ...` trains, as before subcommands existed
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,16 @@ from lmforge.records import read_records
 from lmforge.scoring import render_example
 
 
+def kendall_tau(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-b between two score lists (ties allowed), by brute force over pairs; nan if one is constant."""
+    s = nx = ny = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = (x[i] > x[j]) - (x[i] < x[j]), (y[i] > y[j]) - (y[i] < y[j])
+            s, nx, ny = s + dx * dy, nx + (dx != 0), ny + (dy != 0)
+    return s / math.sqrt(nx * ny) if nx and ny else float("nan")
+
+
 def comparison_pairs(ranks: list[int]) -> list[tuple[int, int]]:
     """(better, worse) index pairs among one prompt's K choices: the C(K,2) pairs minus ties (rank 1 = best)."""
     return [(i, j) if ranks[i] < ranks[j] else (j, i)

@@ -15,10 +15,10 @@ from lmforge.errors import LmforgeError
 from lmforge.generation import left_pad
 from lmforge.lora import LoraConfig, apply_lora, load_trainable_state_dict
 from lmforge.model import Transformer
-from lmforge.preferences import Example, comparison_pairs, parse_record, split_by_prompt
+from lmforge.preferences import Example, comparison_pairs, kendall_tau, parse_record, split_by_prompt
 from lmforge.records import read_records
 from lmforge.scoring import RewardScorer, pool_scores, raw_scores, render_example
-from lmforge.stages.rm import RMConfig, kendall_tau, labels_of, reward_loss, run_rm
+from lmforge.stages.rm import RMConfig, labels_of, reward_loss, run_rm
 from lmforge.training import OptimConfig, read_metrics
 from tests.conftest import tiny_config
 

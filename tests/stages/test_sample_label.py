@@ -216,9 +216,9 @@ def test_label_input_errors_and_judges(tmp_path, capsys):
     assert main(["label", "--judge", "openai", "--model", "m", "--input", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 1
     err = capsys.readouterr().err
     assert err.strip() == "lmforge label: error: config key 'judge.url' is required with judge name=openai"
-    assert main(["label", "--judge", "human", "--input", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 1
+    assert main(["label", "--judge", "crowd", "--input", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("lmforge label: error: ") and "unknown judge 'human'" in err and len(err.splitlines()) == 1
+    assert err.startswith("lmforge label: error: ") and "unknown judge 'crowd'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o.jsonl").exists()
 
 

@@ -51,6 +51,7 @@ from lmforge.preferences import (
     best_responses,
     comparison_pairs,
     data_kind,
+    kendall_tau,
     load_data,
     split_by_prompt,
 )
@@ -107,16 +108,6 @@ def reward_loss(rewards: torch.Tensor, labels: dict, loss: str = "logsigmoid", m
     if center_coef:
         out = out + center_coef * rewards.pow(2).mean()
     return out
-
-
-def kendall_tau(x: list[float], y: list[float]) -> float:
-    """Kendall's tau-b between two score lists (ties allowed), by brute force over pairs; nan if one is constant."""
-    s = nx = ny = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            dx, dy = (x[i] > x[j]) - (x[i] < x[j]), (y[i] > y[j]) - (y[i] < y[j])
-            s, nx, ny = s + dx * dy, nx + (dx != 0), ny + (dy != 0)
-    return s / math.sqrt(nx * ny) if nx and ny else float("nan")
 
 
 def evaluate(model: Transformer, examples: list[Example], meta: dict, pad_id: int, batch_size: int = 32) -> tuple[torch.Tensor, dict]:
