@@ -10,9 +10,12 @@ class JudgeServer:
     """A real OpenAI-compatible endpoint on 127.0.0.1. Ranking requests: candidates longest-first (ties: lower
     number). Rating requests: the response's length, clamped to 1..10.
 
+    Pairwise requests (Response A / Response B): the longer one, "tie" when equally long.
+
     mode "ok": answers correctly; "bad_once": the first answer of each conversation is prose, the retry is
     answered; "always_bad": never an answer; "http_error": status 500; "not_chat": JSON that is not a
-    chat-completions response. `delay` seconds per request; `max_in_flight` counts concurrent requests.
+    chat-completions response; "always_A": pairwise requests always get "A" (pure position bias);
+    "bad_compare": pairwise requests get prose, never a verdict (ratings and rankings are answered). `delay` seconds per request; `max_in_flight` counts concurrent requests.
     """
 
     def __init__(self, mode="ok", delay=0.0):
@@ -40,6 +43,10 @@ class JudgeServer:
                 first_try = len(body["messages"]) == 2
                 if server.mode == "always_bad" or (server.mode == "bad_once" and first_try):
                     content = "Candidate one is clearly the best."
+                elif server.mode == "always_A" and "\n\nResponse A:\n" in body["messages"][1]["content"]:
+                    content = "A"
+                elif server.mode == "bad_compare" and "\n\nResponse A:\n" in body["messages"][1]["content"]:
+                    content = "Both responses have their merits."
                 else:
                     content = server.answer(body["messages"][1]["content"])
                 reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
@@ -56,6 +63,10 @@ class JudgeServer:
 
     @staticmethod
     def answer(prompt: str) -> str:
+        if "\n\nResponse A:\n" in prompt:  # which of two is better
+            a, rest = prompt.split("\n\nResponse A:\n", 1)[1].split("\n\nResponse B:\n", 1)
+            b = rest.rsplit("\n\nWhich response is better?", 1)[0]
+            return "<think>B looks nice</think>The answer is " + ("A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie")
         if "\n\nResponse:\n" in prompt:  # rate one response
             response = prompt.split("\n\nResponse:\n", 1)[1].rsplit("\n\nRate the response", 1)[0]
             return f"<think>A 1 out of 10 at first sight? No.</think>Rating: {min(10, max(1, len(response)))}"

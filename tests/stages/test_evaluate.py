@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from lmforge.checkpoint import save_checkpoint
 from lmforge.errors import LmforgeError
+from lmforge.judges import JudgeConfig
 from lmforge.stages.evaluate import EvalConfig, evaluate_policies, response_logprobs, reward_hacking_flag, significant_drop
 from lmforge.model import Transformer
 from tests.conftest import tiny_config
@@ -175,3 +176,117 @@ def test_rm_score_is_exactly_the_reward_ppo_optimised(policies, tok, tmp_path):
     with torch.no_grad():
         expected = [normalize(rm(torch.tensor([p + t]))[0, -1], meta).item() for p, t in zip(ids, tokens)]
     assert res["policies"]["sft"]["rm_score"] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+
+
+def _win_by_hand(res_texts_x, res_texts_b):
+    """The judge server prefers the longer answer (a tie when equally long): win 1, tie 1/2, loss 0 per vote."""
+    votes = [1.0 if len(x) > len(b) else 0.0 if len(x) < len(b) else 0.5 for x, b in zip(res_texts_x, res_texts_b)]
+    return sum(votes) / len(votes)
+
+
+def test_llm_judge_win_rate_is_pairwise_in_both_orders(policies, prompts_file):
+    from tests.judge_server import JudgeServer
+
+    with JudgeServer() as server:
+        res = _eval(policies, prompts_file, max_new_tokens=12, batch_size=4, n_examples=6,
+                    judge=JudgeConfig(name="openai", url=server.url, model="judge"))
+        pairwise = [r["body"]["messages"][1]["content"] for r in server.requests if "Response A:" in
+                    r["body"]["messages"][1]["content"]]
+    rows = res["policies"]
+    texts = {n: [e["response"] for e in r["examples"]] for n, r in rows.items()}
+    differ = sum(x != b for x, b in zip(texts["other"], texts["sft"]))
+    assert differ > 0 and texts["copy"] == texts["sft"]
+    assert len(pairwise) == 2 * differ  # every differing pair asked twice (A/B and B/A); identical ones never
+    assert rows["other"]["win_rate_vs_sft"] == pytest.approx(_win_by_hand(texts["other"], texts["sft"]))
+    assert rows["copy"]["win_rate_vs_sft"] == 0.5 and rows["copy"]["votes"]["ties"] == 12
+    assert rows["other"]["votes"]["unparseable"] == 0 and sum(rows["other"]["votes"].values()) == 12
+    assert res["win_method"] == "the openai judge shown both answers, in both orders"
+
+
+def test_position_bias_cancels_and_garbage_votes_are_not_wins(policies, prompts_file):
+    from tests.judge_server import JudgeServer
+
+    subset = {"sft": policies["sft"], "other": policies["other"]}
+    with JudgeServer(mode="always_A") as server:  # prefers whatever it is shown first
+        res = _eval(subset, prompts_file, max_new_tokens=12, batch_size=4,
+                    judge=JudgeConfig(name="openai", url=server.url, model="judge"))
+    v = res["policies"]["other"]["votes"]
+    assert res["policies"]["other"]["win_rate_vs_sft"] == 0.5 and v["wins"] == v["losses"] > 0
+
+    from lmforge.judges.openai import OpenAIJudge, parse_preference
+
+    assert parse_preference("<think>A? no</think>I prefer B") == 0.0 and parse_preference("A") == 1.0
+    assert parse_preference("It's a Tie.") == 0.5 and parse_preference("a fine answer") is None
+    with JudgeServer(mode="always_bad") as server:  # prose, never A / B / tie: two tries, then no vote
+        judge = OpenAIJudge(server.url, "judge")
+        assert judge.compare_many(["q", "q"], ["long answer", "x"], ["y", "long answer"]) == [None, None]
+    with JudgeServer(mode="bad_compare") as server:  # grades single answers, but gives no pairwise verdict
+        res = _eval(subset, prompts_file, max_new_tokens=12, batch_size=4,
+                    judge=JudgeConfig(name="openai", url=server.url, model="judge"))
+    row = res["policies"]["other"]
+    differ = row["votes"]["unparseable"] // 2
+    assert differ > 0 and row["votes"] == {"wins": 0, "ties": 12 - 2 * differ, "losses": 0, "unparseable": 2 * differ}
+    # garbage is no win: only identical answers' ties count, and with none there is no win rate at all
+    assert row["win_rate_vs_sft"] == (0.5 if row["votes"]["ties"] else None)
+
+
+def test_human_votes_on_the_ab_page_become_win_rates(policies, prompts_file, tmp_path):
+    import socket
+    import threading
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subset = {"sft": policies["sft"], "other": policies["other"]}
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(res=_eval(
+        subset, prompts_file, max_new_tokens=12, batch_size=4, n_examples=6, judge=JudgeConfig(name="human"),
+        port=port, votes=str(tmp_path / "votes.jsonl"))))
+    worker.start()
+
+    def call(path, body=None):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", None if body is None else json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    deadline = time.time() + 120
+    while True:  # a person who prefers the longer answer (the first shown when equally long)
+        try:
+            task = call("/api/task?labeler=eve")["task"]
+        except OSError:
+            assert worker.is_alive() and time.time() < deadline
+            time.sleep(0.2)
+            continue
+        if task is None:
+            break
+        a, b = task["candidates"]
+        groups = [[a["key"]], [b["key"]]] if len(a["text"]) >= len(b["text"]) else [[b["key"]], [a["key"]]]
+        call("/api/submit", {"labeler": "eve", "id": task["id"], "groups": groups})
+    worker.join(60)
+    row = done["res"]["policies"]["other"]
+    texts = {n: [e["response"] for e in r["examples"]] for n, r in done["res"]["policies"].items()}
+    expect = [0.5 if x == b else 1.0 if len(x) > len(b) else 0.0 if len(x) < len(b) else None
+              for x, b in zip(texts["other"], texts["sft"])]
+    rows = [json.loads(x) for x in (tmp_path / "votes.jsonl").read_text().splitlines()]
+    assert len(rows) == sum(x != b for x, b in zip(texts["other"], texts["sft"]))  # identical pairs not asked
+    assert all(r["policy"] == "other" and r["baseline"] == "sft" and r["labeler"] == "eve" for r in rows)
+    # equally long but different answers: the first shown wins, and the order was random: read it from the votes
+    for r in rows:
+        i, ranks = r["prompt"], [c["rank"] for c in r["choices"]]
+        expect[i] = 1.0 if ranks[0] < ranks[1] else 0.0
+    assert row["win_rate_vs_sft"] == pytest.approx(sum(expect) / len(expect))
+    assert row["judge_score"] is None and done["res"]["win_method"] == "people's votes on the A/B page"
+
+
+def test_an_unreachable_judge_is_one_line(policies, prompts_file, capsys):
+    from lmforge.cli import main
+
+    rc = main(["eval", "--policies", f"sft={policies['sft']}", f"other={policies['other']}", "--prompts",
+               str(prompts_file), "--judge", "openai", "judge.url=http://127.0.0.1:9/v1", "judge.model=m",
+               "max_new_tokens=4", "device=cpu"])
+    err = capsys.readouterr().err.split("\r")[-1]  # after the (cleared) progress bar
+    assert rc == 1 and err.startswith("lmforge eval: error: ") and "cannot reach http://127.0.0.1:9/v1" in err
+    assert len(err.strip().splitlines()) == 1

@@ -3,8 +3,10 @@ evaluation.
 
 A judge implements `rank` (competition ranks, 1 = best), `score` (0..100), or both: the default `rank` ranks by
 `score`, so a scoring judge ranks for free, while a judge that can only compare (a human, an LLM asked for a
-ranking) raises a clear error from `score`. Built-ins: `oracle` (the built-in world's programmatic scorer) and
-`openai` (an OpenAI-compatible LLM as judge). Plug in your own with one decorator:
+ranking) raises a clear error from `score`. `compare` gives a pairwise verdict (by default from the scores).
+Built-ins: `oracle` (the built-in world's programmatic scorer) and `openai` (an OpenAI-compatible LLM as
+judge); people judge through a web page instead (lmforge.judges.human: `--judge human` in label and eval).
+Plug in your own with one decorator:
 
     @register_judge("mine")
     class MyJudge(Judge):
@@ -63,6 +65,22 @@ class Judge:
     def score_many(self, prompts: list[str], responses: list[str]) -> list[float]:
         """`score` of each (prompt, response) pair; a remote judge overrides this to send requests in parallel."""
         return [self.score(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+    def compare(self, prompt: str, first: str, second: str) -> float | None:
+        """Pairwise preference: 1.0 if `first` is the better answer to `prompt`, 0.0 if `second` is, 0.5 for a
+        tie, None if the judge gave no usable verdict. Default: compare the two `score`s. A judge that compares
+        natively (an LLM shown both answers) overrides this, and evaluation then asks it in both orders."""
+        a, b = self.score_many([prompt, prompt], [first, second])
+        return 1.0 if a > b else 0.0 if a < b else 0.5
+
+    def compare_many(self, prompts: list[str], firsts: list[str], seconds: list[str]) -> list[float | None]:
+        """`compare` of each triple; a remote judge overrides this to send requests in parallel."""
+        return [self.compare(p, a, b) for p, a, b in zip(prompts, firsts, seconds, strict=True)]
+
+    @property
+    def compares_natively(self) -> bool:
+        """True when this judge overrides `compare` (so its verdict may depend on the order it sees)."""
+        return type(self).compare is not Judge.compare
 
 
 @dataclass

@@ -90,6 +90,25 @@ def parse_score(reply: str) -> int | None:
     return s if 1 <= s <= 10 else None
 
 
+COMPARE_SYSTEM = ("You are a strict, impartial judge of assistant responses. You compare two responses to the same "
+                  "user request by correctness, helpfulness and concision; their order must not sway you.")
+
+
+def compare_prompt(prompt: str, first: str, second: str) -> str:
+    """The user message asking an LLM judge which of two responses is better (AlpacaEval-style pairwise)."""
+    return (f"User request:\n{prompt}\n\nResponse A:\n{first}\n\nResponse B:\n{second}\n\n"
+            "Which response is better? Reply with only one word: A, B, or tie.")
+
+
+def parse_preference(reply: str) -> float | None:
+    """1.0 for A, 0.0 for B, 0.5 for a tie: the last standalone A / B / tie in the reply (ignoring
+    <think>...</think>); None if there is none."""
+    found = re.findall(r"(?<![\w])(A|B|[Tt][Ii][Ee])(?![\w])", _without_thinking(reply))
+    if not found:
+        return None
+    return {"A": 1.0, "B": 0.0}.get(found[-1], 0.5)
+
+
 @register_judge("openai")
 class OpenAIJudge(Judge):
     """Ranks and scores responses by asking an OpenAI-compatible `/chat/completions` endpoint."""
@@ -116,10 +135,12 @@ class OpenAIJudge(Judge):
             data = json.loads(resp.read().decode("utf-8"))
         return data["choices"][0]["message"]["content"]
 
-    def _ask(self, prompt: str, chat: list[dict], parse: Callable[[str], T | None], what: str, fix: str) -> T:
+    def _ask(self, prompt: str, chat: list[dict], parse: Callable[[str], T | None], what: str, fix: str,
+             unparseable_ok: bool = False) -> T | None:
         """Send `chat` and parse the reply. One retry on a failed request, or on a malformed reply (telling the
-        judge what was wrong: `fix`); then an LmforgeError naming the prompt."""
-        problem = ""
+        judge what was wrong: `fix`); then an LmforgeError naming the prompt, or None for two malformed replies
+        when `unparseable_ok` (a vote that does not count, rather than a stopped evaluation)."""
+        problem, malformed = "", 0
         for _ in range(2):
             try:
                 reply = self._complete(chat)
@@ -137,8 +158,11 @@ class OpenAIJudge(Judge):
             if answer is not None:
                 return answer
             problem = f"the reply is not {what}: {(reply or '')[:80]!r}"
+            malformed += 1
             chat = chat + [{"role": "assistant", "content": reply or ""},
                            {"role": "user", "content": f"That is not a valid answer. {fix}"}]
+        if unparseable_ok and malformed == 2:
+            return None
         short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
         raise LmforgeError(f"judge failed twice on prompt {short!r}: {problem}")
 
@@ -177,3 +201,16 @@ class OpenAIJudge(Judge):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         with ThreadPoolExecutor(max(1, self.workers)) as pool:
             return list(pool.map(self.score, prompts, responses))
+
+    def compare(self, prompt: str, first: str, second: str) -> float | None:
+        """Shown both responses (first as A), which is better: 1.0 / 0.0 / 0.5 for a tie; None when the judge
+        twice gave no A / B / tie."""
+        chat = [{"role": "system", "content": COMPARE_SYSTEM},
+                {"role": "user", "content": compare_prompt(prompt, first, second)}]
+        return self._ask(prompt, chat, parse_preference, "A, B or tie", "Reply with only one word: A, B, or tie.",
+                         unparseable_ok=True)
+
+    def compare_many(self, prompts: list[str], firsts: list[str], seconds: list[str]) -> list[float | None]:
+        """`compare` of each triple, `workers` requests at a time (results in input order)."""
+        with ThreadPoolExecutor(max(1, self.workers)) as pool:
+            return list(pool.map(self.compare, prompts, firsts, seconds))

@@ -4,8 +4,12 @@ For each policy (base, SFT, PPO, ...), against a baseline policy (SFT in `lmforg
 (lmforge.judges; the built-in world's oracle by default):
   judge_score       mean 0..100 score of the judge on the policy's responses (plus the judge's `parts`, e.g.
                     the oracle's correctness / politeness / concision, as InstructGPT reports per attribute)
-  win_rate_vs_sft   per prompt, the judge's scores of the response and of the SFT policy's (win 1, tie 1/2,
-                    loss 0); the SFT row is 1/2 by definition
+  win_rate_vs_sft   win 1, tie 1/2, loss 0 against the SFT policy's response to the same prompt; the SFT row is
+                    1/2 by definition. A scoring judge (the oracle) compares its two scores. A judge that compares
+                    natively (an LLM shown both answers, `Judge.compare`) is asked in both orders, A/B and B/A,
+                    to cancel its position bias, as AlpacaEval does; identical answers tie without asking, and a
+                    verdict it could not give is counted as unparseable, not as a win or a loss. With
+                    `--judge human` people vote on a web page, each pair shown once in a random order.
   rm_score          mean normalised reward-model score (if a reward model is given), scored exactly as PPO scores
                     its rollouts (RewardScorer.score_rollouts): comparing it with the judge exposes reward hacking (Gao et al. 2022, "Scaling laws for reward model overoptimization")
   kl_to_sft         mean over prompts of sum_t [log pi(y_t|x,y_<t) - log pi_sft(y_t|x,y_<t)] on responses SAMPLED
@@ -123,6 +127,9 @@ class EvalConfig:
     temperature: float = 0.0        # of the judged responses; 0 = greedy, deterministic
     batch_size: int = 64
     n_examples: int = 3             # example responses kept per policy
+    votes: str = ""                 # judge human: where the votes are saved (default: votes.jsonl beside `out`)
+    host: str = "127.0.0.1"         # judge human: address of the vote page
+    port: int = 8008                # judge human: its port
     seed: int = 0
     device: str = "auto"
 
@@ -160,7 +167,9 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
     from lmforge.training import pick_device
 
     t0 = time.perf_counter()
-    judge = make_judge(cfg.judge)
+    human = cfg.judge.name == "human"
+    judge = None if human else make_judge(cfg.judge)
+    pairwise = human or judge.compares_natively
     policies = cfg.named_policies()
     base_name = cfg.baseline or next(iter(policies))
     prompts = read_prompts(cfg.prompts)
@@ -190,10 +199,12 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
     texts_of = [p.text for p in prompts]
     for p in prompts:  # fail before generating anything if the judge cannot judge these prompts
         try:
-            judge.check(p.text)
+            if judge is not None:
+                judge.check(p.text)
         except LmforgeError as e:
             raise LmforgeError(f"{where(cfg.prompts, p.line)}: {e}") from None
-    categories = [judge.category(t) for t in texts_of]
+    categories = [None if judge is None else judge.category(t) for t in texts_of]
+    texts_by: dict[str, list[str]] = {}
     scored = SamplingParams(cfg.max_new_tokens, cfg.temperature)
     kl_params = SamplingParams(cfg.max_new_tokens, 1.0)
     rows: dict[str, dict] = {}
@@ -203,10 +214,11 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
         model = base if name == base_name else load_model(policies[name], head="lm", device=dev)[0]
         model.eval()
         tokens, finished = generate_batched(model, tok, ids, scored, cfg.batch_size, cfg.seed)
-        texts = [response_text(tok, t) for t in tokens]
-        scores = [float(s) for s in judge.score_many(texts_of, texts)]
+        texts = texts_by[name] = [response_text(tok, t) for t in tokens]
+        scores = None if human else [float(s) for s in judge.score_many(texts_of, texts)]
         per_prompt[name] = scores
-        win = _mean(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, per_prompt[base_name]))
+        win = None if pairwise else \
+            _mean(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, per_prompt[base_name]))
         if name == base_name:
             kl = 0.0  # KL(pi || pi) = 0 exactly; no need to estimate it
         else:
@@ -215,13 +227,13 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
             lp = response_logprobs(model, ids, samples, tok.special.pad, cfg.batch_size)
             lp_base = response_logprobs(base, ids, samples, tok.special.pad, cfg.batch_size)
             kl = float((lp - lp_base).mean())
-        parts = [judge.parts(p, t) for p, t in zip(texts_of, texts)]
+        parts = [] if judge is None else [judge.parts(p, t) for p, t in zip(texts_of, texts)]
         groups: dict[str, list[int]] = {}
         for i, c in enumerate(categories):
             if c is not None:
                 groups.setdefault(c, []).append(i)
         rows[name] = {
-            "judge_score": _mean(scores),
+            "judge_score": None if scores is None else _mean(scores),
             f"win_rate_vs_{base_name}": win,
             # exactly the reward PPO optimised: the sampled ids as they are (cut-off responses stay cut off), the
             # whole conversation as the prompt, read at the last real token (before PPO's no-EOS penalty)
@@ -236,19 +248,77 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
             "by_category": {c: {"prompts": len(rows_), "judge_score": _mean(scores[i] for i in rows_),
                                 **{k: _mean(parts[i][k] for i in rows_) for k in parts[0]}}
                             for c, rows_ in sorted(groups.items())} if parts else {},
-            "examples": [{"prompt": p, "response": t, "judge_score": s}
-                         for p, t, s in list(zip(texts_of, texts, scores))[:cfg.n_examples]],
+            "examples": [{"prompt": p, "response": t, "judge_score": None if scores is None else scores[i]}
+                         for i, (p, t) in enumerate(list(zip(texts_of, texts))[:cfg.n_examples])],
         }
         if model is not base:
             del model
+    if pairwise:
+        others = [n for n in names if n != base_name]
+        votes = human_votes(cfg, texts_of, texts_by, base_name, others) if human else \
+            judge_votes(judge, texts_of, texts_by, base_name, others)
+        rows[base_name][f"win_rate_vs_{base_name}"] = 0.5
+        for n in others:
+            valid = [v for per in votes[n] for v in per if v is not None]
+            rows[n][f"win_rate_vs_{base_name}"] = _mean(valid) if valid else None
+            rows[n]["votes"] = {"wins": sum(v == 1.0 for v in valid), "ties": sum(v == 0.5 for v in valid),
+                                "losses": sum(v == 0.0 for v in valid),
+                                "unparseable": sum(v is None for per in votes[n] for v in per)}
     ordered = {n: rows[n] for n in policies}  # the caller's order
-    result = {"judge": cfg.judge.name, "baseline": base_name, "policies": ordered,
-              "reward_hacking": reward_hacking_flag(ordered, per_prompt, base_name),
+    method = ("people's votes on the A/B page" if human else
+              f"the {cfg.judge.name} judge shown both answers, in both orders" if pairwise else
+              f"the {cfg.judge.name} judge's scores of the two answers")
+    result = {"judge": cfg.judge.name, "baseline": base_name, "win_method": method, "policies": ordered,
+              "reward_hacking": [] if human else reward_hacking_flag(ordered, per_prompt, base_name),
               "prompts": len(prompts), "seconds": time.perf_counter() - t0}
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return result
+
+
+def judge_votes(judge, prompts: list[str], texts_by: dict[str, list[str]], base: str,
+                others: list[str]) -> dict[str, list[list[float | None]]]:
+    """Per policy and prompt, the judge's votes for the policy's answer against the baseline's: asked with the
+    policy's answer first and again second (1 - verdict), so position bias cancels; identical answers tie."""
+    out = {}
+    for name in others:
+        ask = [i for i, (x, b) in enumerate(zip(texts_by[name], texts_by[base])) if x != b]
+        ps = [prompts[i] for i in ask]
+        xs, bs = [texts_by[name][i] for i in ask], [texts_by[base][i] for i in ask]
+        forward = judge.compare_many(ps, xs, bs)
+        backward = judge.compare_many(ps, bs, xs)
+        votes: list[list[float | None]] = [[0.5, 0.5] for _ in prompts]
+        for i, f, r in zip(ask, forward, backward):
+            votes[i] = [f, None if r is None else 1.0 - r]
+        out[name] = votes
+    return out
+
+
+def human_votes(cfg: EvalConfig, prompts: list[str], texts_by: dict[str, list[str]], base: str,
+                others: list[str]) -> dict[str, list[list[float | None]]]:
+    """People's votes, from the A/B page (lmforge.judges.human in "vote" mode): each (policy, prompt) pair is
+    shown once, the two answers in a random order; identical answers tie without asking. The page serves until
+    every pair has a vote (a restart resumes); a pair without a vote counts as no vote."""
+    from lmforge.judges.human import Item, LabelSession, serve_label_page
+
+    items, votes = [], {n: [[0.5] for _ in prompts] for n in others}
+    for name in others:
+        for i, p in enumerate(prompts):
+            x, b = texts_by[name][i], texts_by[base][i]
+            if x != b:
+                votes[name][i] = [None]
+                items.append(Item(f"{name}:{i}", p, [x, b], extra={"policy": name, "baseline": base, "prompt": i}))
+    path = cfg.votes or (str(Path(cfg.out).with_name("votes.jsonl")) if cfg.out else "votes.jsonl")
+    if items:
+        session = LabelSession(items, path, mode="vote", seed=cfg.seed)
+        serve_label_page(session, cfg.host, cfg.port, what="vote")
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if rec.get("policy") in votes and rec.get("baseline") == base:
+                r_policy, r_base = (c["rank"] for c in rec["choices"])
+                votes[rec["policy"]][rec["prompt"]] = [1.0 if r_policy < r_base else 0.0 if r_policy > r_base else 0.5]
+    return votes
 
 
 def _print_table(cfg: EvalConfig) -> None:
@@ -257,8 +327,13 @@ def _print_table(cfg: EvalConfig) -> None:
     print(f"{'policy':<12} {res['judge'] + ' score':>14} {'win vs ' + b:>12} {'RM score':>9} {'KL to ' + b:>10} {'length':>7}")
     for name, r in res["policies"].items():
         rm = "-" if r["rm_score"] is None else f"{r['rm_score']:.3f}"
-        print(f"{name:<12} {r['judge_score']:>14.1f} {100 * r[f'win_rate_vs_{b}']:>11.1f}% {rm:>9} "
-              f"{r[f'kl_to_{b}']:>10.2f} {r['mean_length']:>7.1f}")
+        score = "-" if r["judge_score"] is None else f"{r['judge_score']:.1f}"
+        win = r[f"win_rate_vs_{b}"]
+        win = "-" if win is None else f"{100 * win:.1f}%"
+        v = r.get("votes")
+        votes = f"  votes {v['wins']}/{v['ties']}/{v['losses']} win/tie/loss, {v['unparseable']} unparseable" if v else ""
+        print(f"{name:<12} {score:>14} {win:>12} {rm:>9} {r[f'kl_to_{b}']:>10.2f} {r['mean_length']:>7.1f}{votes}")
+    print(f"win rate: {res['win_method']}")
     if res["reward_hacking"]:
         print(f"reward hacking flagged: {', '.join(res['reward_hacking'])}")
 
@@ -267,7 +342,8 @@ COMMAND = Command(
     "lmforge eval", "Evaluate policy checkpoints on held-out prompts with any judge: judge score, win rate and KL "
     "against a baseline policy, reward-model score, length.", EvalConfig, _print_table,
     flags=(Flag("--policies", "policies", "checkpoints as name=DIR"), Flag("--prompts", "prompts", "JSONL prompts"),
-           Flag("--judge", "judge.name", "oracle, openai or a registered judge"),
+           Flag("--judge", "judge.name", "oracle, openai (pairwise, both orders), human (an A/B vote page) or a "
+                                         "registered judge"),
            Flag("--baseline", "baseline", "the policy the others are compared with (default: the first)"),
            Flag("--reward-model", "reward_model", "also report reward-model scores"),
            Flag("--out", "out", "write the results as JSON")),

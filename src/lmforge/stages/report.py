@@ -165,9 +165,10 @@ def render_markdown(rep: dict, plots: list[tuple[str, str]]) -> str:
             gain = None if sft is None or r["judge_score"] is None else r["judge_score"] - sft
             lines.append(f"| {name} | {_fmt(r['judge_score'], '.1f')} | {_fmt(gain, '+.1f')} | {win} | "
                          f"{_fmt(r['rm_score'], '.3f')} | {_fmt(r['kl_to_sft'], '.2f')} | {_fmt(r['mean_length'], '.1f')} |")
-        lines += ["", f"Win rate: per prompt the {judge} judge's scores of each policy's response and of the SFT "
-                      "policy's (ties count half). KL: mean per-sequence sum of log pi - log pi_SFT on "
-                      "temperature-1 samples.", ""]
+        method = rep.get("win_method") or f"the {judge} judge's scores of the two answers"
+        lines += ["", f"Win rate: per prompt, each policy's response against the SFT policy's, judged by {method} "
+                      "(ties count half). KL: mean per-sequence sum of log pi - log pi_SFT on temperature-1 "
+                      "samples.", ""]
         parts = {n: r["parts"] for n, r in pol.items() if r.get("parts")}
         if parts:
             keys = list(next(iter(parts.values())))
@@ -269,7 +270,7 @@ def report_from_run(cfg: ReportConfig) -> dict:
     markers = {s: _read_json(run / s / "stage.json") for s in stages if (run / s / "stage.json").is_file()}
     results_file = Path(cfg.eval_results) if cfg.eval_results else run / "eval" / "results.json"
     ev = _read_json(results_file) if results_file.is_file() else {}
-    results = {"judge": ev.get("judge", "oracle"), "policies": ev.get("policies", {}),
+    results = {"judge": ev.get("judge", "oracle"), "win_method": ev.get("win_method"), "policies": ev.get("policies", {}),
                "reward_hacking": ev.get("reward_hacking", []),
                "rm": {"heldout_accuracy": markers.get("rm", {}).get("summary", {}).get("heldout_accuracy")},
                "stages": {s: {"seconds": round(m.get("seconds", 0.0), 1)} for s, m in markers.items()}}
