@@ -1,4 +1,5 @@
-"""The one reader of record files (JSON Lines or one JSON array) and the one atomic JSONL writer.
+"""The one reader of record files (JSON Lines or one JSON array), the one atomic JSONL writer, and the durable
+appender for outputs that grow one record at a time (human labels, self-instruct).
 
 Every stage reads its records through `read_records`, so every bad file is reported the same way: one line
 naming `file:line` (the line where the record starts, also inside a JSON array).
@@ -97,3 +98,29 @@ def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def append_jsonl_durably(path: str | Path, record: dict) -> None:
+    """Append one JSON line and fsync it: once this returns, a crash cannot lose the record."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def drop_torn_tail(path: str | Path) -> bool:
+    """Remove a last line cut short by a crash in the middle of an append (no newline at the end of the file),
+    so an appended file always ends in whole records. Returns True if it removed one."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return False
+        f.seek(0)
+        data = f.read()
+        f.truncate(data.rfind(b"\n") + 1)
+        f.flush()
+        os.fsync(f.fileno())
+    return True

@@ -28,7 +28,6 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import random
 import threading
 import time
@@ -40,6 +39,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from lmforge.errors import LmforgeError
 from lmforge.preferences import kendall_tau
+from lmforge.records import append_jsonl_durably, drop_torn_tail
 
 
 @dataclass
@@ -78,29 +78,6 @@ def ranks_from_groups(groups: list[list[int]], k: int) -> list[int]:
     return ranks
 
 
-def _append_durably(path: Path, record: dict) -> None:
-    """Append one JSON line and fsync it: once this returns, a crash cannot lose the record."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _drop_torn_tail(path: Path) -> bool:
-    """Remove a last line cut short by a crash mid-write (no newline at the end). Returns True if it did."""
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return False
-        data = path.read_bytes()
-        f.truncate(data.rfind(b"\n") + 1)
-        f.flush()
-        os.fsync(f.fileno())
-    return True
-
-
 def _read_done(path: Path) -> list[dict]:
     out = []
     if path.exists():
@@ -137,7 +114,7 @@ class LabelSession:
                     pass
             except OSError as e:
                 raise LmforgeError(f"{p}: cannot write the labelling output ({e.strerror})") from None
-            if _drop_torn_tail(p):
+            if drop_torn_tail(p):
                 print(f"{p}: removed a last line cut short by a crash (it had not been acknowledged)")
         self.done: dict[str, list[str]] = {it.id: [] for it in items}    # item -> labellers who ranked it
         self.skipped: dict[str, set[str]] = {it.id: set() for it in items}
@@ -207,7 +184,7 @@ class LabelSession:
             rec.update({"labeler": labeler, "time": _now(), "id": item_id})
             if comment.strip():
                 rec["comment"] = comment.strip()
-            _append_durably(self.out, rec)
+            append_jsonl_durably(self.out, rec)
             self.done[item_id].append(labeler)
             self._leases.pop(item_id, None)
         return True
@@ -223,7 +200,7 @@ class LabelSession:
             rec = {"id": item_id, "labeler": labeler, "time": _now()}
             if comment.strip():
                 rec["comment"] = comment.strip()
-            _append_durably(self.skips, rec)
+            append_jsonl_durably(self.skips, rec)
             self.skipped[item_id].add(labeler)
             self._leases.pop(item_id, None)
 
