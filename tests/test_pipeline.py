@@ -228,3 +228,23 @@ def test_smollm2_preset_starts_from_the_gguf_and_skips_pretraining(capsys):
     cfg = pipeline.run_config(pipeline.with_preset({"preset": "smollm2"}))
     names = [s.name for s in pipeline.Pipeline(cfg).plan()]
     assert names == ["world", "sft", "sample", "label", "rm", "ppo", "eval", "report"]
+
+
+@pytest.mark.parametrize("source, content, message", [
+    ("sft", '{"instruction": "Say hi.", "output": "hi"}\n{"instruction": "Say bye."}\n',
+     "sft.jsonl:2: instruction record has no 'output'"),
+    ("preferences", '{"input": "q", "choices": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}]}\n'
+                    '{"input": "q", "choices": [{"text": "c", "rank": 2}, {"text": "d", "rank": 1}]}\n',
+     "has 1 distinct prompt(s); rm holds some prompts out"),
+    ("preferences", '{"input": "q", "choices": [{"text": "a", "rank": 1}]}\n',
+     "preferences.jsonl:1: 'choices' must be a list of at least 2 candidates"),
+    ("rl_prompts", '{"instruction": "Say hi."}\n[1, 2]\n', "rl_prompts.jsonl:2"),
+])
+def test_user_files_are_read_before_any_stage_runs(tmp_path, capsys, source, content, message):
+    path = tmp_path / f"{source}.jsonl"
+    path.write_text(content)
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "tiny", "--out", str(out), f"sources.{source}={path}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()  # before the first stage, not ~10 minutes into a default run

@@ -125,11 +125,11 @@ class ChatSession:
 
 def chat_loop(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
     """The terminal session: read a line, answer it streamed, until /quit or end of input."""
-    from lmforge.checkpoint import load_model
+    from lmforge.checkpoint import load_causal_lm
     from lmforge.training import pick_device
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    model, tok, _ = load_model(cfg.model, head="lm", device=pick_device(cfg.device))
+    model, tok, _ = load_causal_lm(cfg.model, "lmforge chat", device=pick_device(cfg.device))
     session = ChatSession(model, tok, cfg)
     say = lambda s="": print(s, file=stdout, flush=True)  # noqa: E731
     say(f"lmforge chat with {cfg.model} (context {session.context} tokens, replies up to {session.max_new}); "

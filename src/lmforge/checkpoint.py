@@ -278,6 +278,22 @@ def load_model(path: str | Path, head: str | None = None,
     return model.to(device), tok, meta
 
 
+def load_causal_lm(path: str | Path, what: str, device: str | torch.device = "cpu"
+                   ) -> tuple[Transformer, Tokenizer, dict]:
+    """Load a checkpoint that must generate text (a policy): refuse, in one line naming it and `what` needs it,
+    a reward or value model (scalar head: its LM head would be random) and a bidirectional encoder."""
+    model, tok, meta = load_model(path, head="lm", device=device)
+    cfg = read_config(resolve_checkpoint(path))
+    scalar = meta.get("head") == "scalar" or (
+        "head" not in meta and any("SequenceClassification" in a for a in cfg.get("architectures") or []))
+    if scalar:
+        raise LmforgeError(f"{path} is a reward/value model (scalar head), not a language model; {what} needs a "
+                           "policy checkpoint (pretrain, sft, ppo, dpo or grpo output)")
+    if not model.config.is_causal:
+        raise LmforgeError(f"{path} is a bidirectional encoder (masked LM); {what} needs a causal language model")
+    return model, tok, meta
+
+
 def load_training_state(path: str | Path) -> dict | None:
     """The training state saved with a checkpoint (optimizer, scheduler, step, RNG), or None."""
     f = resolve_checkpoint(path) / STATE_FILE

@@ -207,11 +207,11 @@ def _child_main(conn, path: str, device: str, settings: dict) -> None:
     """The engine process: load, report ("ready", ...) or ("error", message), then step and relay until told
     to stop or the parent goes away."""
     try:
-        from lmforge.checkpoint import load_model
+        from lmforge.checkpoint import load_causal_lm
         from lmforge.engine import Engine
         from lmforge.training import pick_device
 
-        model, tok, _ = load_model(path, head="lm", device=pick_device(device))
+        model, tok, _ = load_causal_lm(path, "lmforge serve", device=pick_device(device))
         # The parent bounds the queue; here every request it sends is accepted.
         engine = Engine(model, tok, max_queue=1 << 30, **settings)
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it

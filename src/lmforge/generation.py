@@ -185,11 +185,11 @@ def generate_text(cfg: GenerateConfig) -> None:
     """Sample a response to each prompt and print it (token by token for a single prompt, UTF-8 safe)."""
     import sys
 
-    from lmforge.checkpoint import load_model
+    from lmforge.checkpoint import load_causal_lm
     from lmforge.training import pick_device
 
     device = pick_device(cfg.device)
-    model, tok, _ = load_model(cfg.model, head="lm", device=device)
+    model, tok, _ = load_causal_lm(cfg.model, "lmforge generate", device=device)
     if cfg.raw:
         prompts = [tok.document_ids(t)[:-1] for t in cfg.prompt]  # [BOS] text, no EOS
     else:

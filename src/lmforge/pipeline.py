@@ -189,6 +189,7 @@ class Pipeline:
         self.sections = {s.name: self._section(s) for s in plan}
         self._check_judges()
         self._check_tokenizers()
+        self._check_source_records()
         self.plan_ = plan
         return plan
 
@@ -206,8 +207,41 @@ class Pipeline:
 
         for section in self.sections.values():
             judge = getattr(section, "judge", None)
-            if isinstance(judge, JudgeConfig):
+            if isinstance(judge, JudgeConfig) and judge.name != "human":  # people need no building
                 make_judge(judge)
+
+    def _check_source_records(self) -> None:
+        """Read every user record file now, with the reader its stage will use, so a malformed file fails in
+        seconds rather than when its stage starts, after pretraining (each error names file:line)."""
+        from lmforge.preferences import parse_record
+        from lmforge.prompts import read_prompts
+        from lmforge.records import read_records
+        from lmforge.stages.sft import read_sft_records
+
+        src = self.cfg.sources
+        if src.sft and "sft" in self.sections:
+            read_sft_records(src.sft, skip_invalid=self.sections["sft"].skip_invalid)
+        for path in (src.rl_prompts, src.eval_prompts):
+            if path:
+                read_prompts(path)
+        if src.preferences:
+            prompts, skip = set(), any(getattr(self.sections.get(n), "skip_invalid", False) for n in ("rm", "dpo"))
+            for line, rec in read_records(src.preferences, tolerant=skip):
+                try:
+                    if isinstance(rec, json.JSONDecodeError):
+                        raise ValueError(f"invalid JSON ({rec.msg})")
+                    ex = parse_record(rec)
+                except ValueError as e:
+                    if skip:
+                        continue
+                    raise LmforgeError(f"{src.preferences}:{line}: {e}") from None
+                prompts.add(json.dumps(ex.prompt, ensure_ascii=False, sort_keys=True))
+            held_out = [n for n in ("rm", "dpo") if n in self.sections and not self.sections[n].val_data
+                        and self.sections[n].val_fraction > 0]
+            if held_out and len(prompts) < 2:
+                raise LmforgeError(f"config key 'sources.preferences': {src.preferences} has {len(prompts)} distinct "
+                                   f"prompt(s); {held_out[0]} holds some prompts out for validation and trains on "
+                                   "the rest, so it needs at least 2")
 
     def _check_tokenizers(self) -> None:
         """A user tokenizer and a user base model must agree (their token ids mean different things otherwise)."""

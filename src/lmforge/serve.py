@@ -115,7 +115,7 @@ class ServedModel:
 def load_models(cfg: ServeConfig) -> dict[str, ServedModel]:
     """Load every checkpoint of the config and build its (not yet started) engine: in a process of its own
     (`engine_process`, the default: see lmforge.engine_process) or on a thread of this one."""
-    from lmforge.checkpoint import load_model
+    from lmforge.checkpoint import load_causal_lm
     from lmforge.training import pick_device
 
     device, out = pick_device(cfg.device), {}
@@ -127,7 +127,7 @@ def load_models(cfg: ServeConfig) -> dict[str, ServedModel]:
             if cfg.engine_process:  # the children load in parallel
                 engines[name] = EngineProcess(path, str(device), **settings, wait=False)
             else:
-                model, tok, _ = load_model(path, head="lm", device=device)
+                model, tok, _ = load_causal_lm(path, "lmforge serve", device=device)
                 engines[name] = Engine(model, tok, **settings)
                 out[name] = ServedModel(name, engines[name], tok)
         for name, engine in engines.items():

@@ -94,6 +94,7 @@ class JudgeConfig:
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the API key (unset: no key is sent)
     workers: int = 4  # concurrent requests
     timeout: float = 120.0  # seconds per request
+    max_tokens: int = 512  # longest reply asked for (a verdict is short; a reasoning judge may need more)
 
     def validate(self) -> None:
         """Raise naming the key for a value no judge could use. An unknown name is left to `make_judge`, so a
@@ -108,6 +109,8 @@ class JudgeConfig:
             raise ConfigError("workers", f"must be at least 1, got {self.workers}")
         if self.timeout <= 0:
             raise ConfigError("timeout", f"must be positive, got {self.timeout}")
+        if self.max_tokens < 1:
+            raise ConfigError("max_tokens", f"must be at least 1, got {self.max_tokens}")
 
 
 JUDGES: dict[str, type[Judge]] = {}

@@ -113,20 +113,24 @@ def parse_preference(reply: str) -> float | None:
 class OpenAIJudge(Judge):
     """Ranks and scores responses by asking an OpenAI-compatible `/chat/completions` endpoint."""
 
-    def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 120.0, workers: int = 4):
+    def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 120.0, workers: int = 4,
+                 max_tokens: int = 512):
         url = url.rstrip("/")
         self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
         self.model, self.api_key, self.timeout, self.workers = model, api_key, timeout, workers
+        self.max_tokens = max_tokens
 
     @classmethod
     def from_config(cls, cfg: JudgeConfig) -> OpenAIJudge:
         """The judge at `cfg.url` serving `cfg.model`, with the key from the environment variable `cfg.api_key_env`."""
         import os
 
-        return cls(cfg.url, cfg.model, os.environ.get(cfg.api_key_env) or None, cfg.timeout, cfg.workers)
+        return cls(cfg.url, cfg.model, os.environ.get(cfg.api_key_env) or None, cfg.timeout, cfg.workers,
+                   cfg.max_tokens)
 
     def _complete(self, messages: list[dict]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0}).encode("utf-8")
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0,
+                           "max_tokens": self.max_tokens}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"

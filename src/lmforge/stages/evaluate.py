@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmforge.checkpoint import load_model, read_config
+from lmforge.checkpoint import load_causal_lm, read_config
 from lmforge.cli import Command, Flag
 from lmforge.errors import ConfigError, LmforgeError, where
 from lmforge.generation import SamplingParams, generate_batched, response_text
@@ -174,7 +174,7 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
     base_name = cfg.baseline or next(iter(policies))
     prompts = read_prompts(cfg.prompts)
     dev = pick_device(cfg.device)
-    base, tok, _ = load_model(policies[base_name], head="lm", device=dev)
+    base, tok, _ = load_causal_lm(policies[base_name], "lmforge eval", device=dev)
     # Check every checkpoint before generating anything: same tokenizer (token-level KL needs it), prompts fit.
     max_len = base.config.max_position_embeddings
     for name, d in policies.items():
@@ -211,7 +211,7 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
     per_prompt: dict[str, list[float]] = {}
     names = [base_name] + [n for n in policies if n != base_name]  # the baseline first: the others compare with it
     for name in tqdm(names, desc="evaluate", disable=not progress, leave=False):
-        model = base if name == base_name else load_model(policies[name], head="lm", device=dev)[0]
+        model = base if name == base_name else load_causal_lm(policies[name], "lmforge eval", device=dev)[0]
         model.eval()
         tokens, finished = generate_batched(model, tok, ids, scored, cfg.batch_size, cfg.seed)
         texts = texts_by[name] = [response_text(tok, t) for t in tokens]

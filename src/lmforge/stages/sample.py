@@ -60,14 +60,14 @@ def sample_candidates(cfg: SampleConfig, progress: bool = True) -> dict:
     """
     from tqdm import tqdm
 
-    from lmforge.checkpoint import load_model
+    from lmforge.checkpoint import load_causal_lm
     from lmforge.training import pick_device
 
     t0 = time.perf_counter()
     prompts = read_prompts(cfg.prompts)
     if cfg.n_prompts:
         prompts = prompts[:cfg.n_prompts]
-    model, tok, _ = load_model(cfg.model, head="lm", device=pick_device(cfg.device))
+    model, tok, _ = load_causal_lm(cfg.model, "lmforge sample", device=pick_device(cfg.device))
     model.eval()
     ids = encode_prompts(tok, prompts, cfg.prompts, {"model": model.config.max_position_embeddings})
     k = cfg.k

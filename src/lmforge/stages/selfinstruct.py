@@ -238,9 +238,9 @@ class LocalGenerator:
     """Samples from an lmforge checkpoint directly, one batch of `workers` prompts at a time."""
 
     def __init__(self, cfg: GeneratorConfig, seed: int):
-        from lmforge.checkpoint import load_model
+        from lmforge.checkpoint import load_causal_lm
 
-        self.model, self.tok, _ = load_model(cfg.model, head="lm")
+        self.model, self.tok, _ = load_causal_lm(cfg.model, "the lmforge generator")
         self.model.eval()
         self.cfg, self.calls, self.seed = cfg, 0, seed
 
