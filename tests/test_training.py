@@ -1,11 +1,14 @@
 """The shared training loop: schedule values, early stop with a checkpoint, exact continuation."""
 
+import json
 import math
 
 import pytest
 import torch
 
-from lmforge.training import LoopHooks, OptimConfig, lr_at, step_generator, train_loop
+from lmforge.errors import LmforgeError
+from lmforge.training import (LoopHooks, NonFiniteGuard, OptimConfig, clip_and_step, lr_at, step_generator,
+                               train_loop)
 
 
 def test_lr_schedule_hand_values():
@@ -50,3 +53,68 @@ def test_stop_step_saves_and_resume_continues_exactly(tmp_path):
     rest, _, model = _run(tmp_path / "b", resume_state=saves[0][2])
     assert first + rest == full  # bit-exact: same data, schedule and optimizer state
     assert torch.equal(model.weight, full_model.weight)
+
+
+def _guarded_run(tmp_path, bad_steps, bad="nan_loss", max_skipped=3, save_every=2, saves=None):
+    """Least squares where the steps in `bad_steps` (1-based) get a NaN loss or, with bad="inf_grad", a finite
+    loss whose gradient is infinite. Returns (history, saves, model, snapshots of the weights before each step)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    w = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    saves, before = [] if saves is None else saves, {}
+
+    def micro_batch(step, micro, dist):
+        x = torch.randn(8, 4, generator=step_generator(0, step, micro))
+        return step + 1, x, x @ w.T
+
+    def loss(m, batch):
+        step, x, y = batch
+        before.setdefault(step, m.weight.detach().clone())
+        value = ((m(x) - y) ** 2).mean()
+        if step in bad_steps:
+            value = value * float("nan") if bad == "nan_loss" else value + (m.weight - m.weight.detach()).abs().sum().sqrt()
+        return value, {}, len(x)
+
+    def save(m, state, final):
+        saves.append((state["step"], m.weight.detach().clone()))
+
+    cfg = OptimConfig(lr=0.05, warmup_steps=2, max_steps=10, max_skipped_steps=max_skipped)
+    hist = train_loop(model, cfg, LoopHooks(micro_batch, loss, save), tmp_path, torch.device("cpu"), log_every=1,
+                      progress=False, save_every=save_every)
+    return hist, saves, model, before
+
+
+@pytest.mark.parametrize("bad", ["nan_loss", "inf_grad"])
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, bad):
+    hist, _, model, before = _guarded_run(tmp_path, {4, 5}, bad)
+    assert len(hist) == 10 and torch.isfinite(model.weight).all()
+    assert torch.equal(before[5], before[4]) and torch.equal(before[6], before[4])  # steps 4 and 5 changed nothing
+    assert not torch.equal(before[4], before[3])
+    assert [h.get("skipped_steps", 0) for h in hist] == [0, 0, 0, 1, 2, 2, 2, 2, 2, 2]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[4])["skipped_steps"] == 2
+    if bad == "inf_grad":
+        assert math.isfinite(hist[3]["loss"]) and not math.isfinite(hist[3]["grad_norm"])
+
+
+def test_too_many_bad_steps_in_a_row_stop_with_the_last_checkpoint_intact(tmp_path):
+    saves = []
+    with pytest.raises(LmforgeError, match=r"3 steps in a row \(up to step 7\) had a non-finite loss"):
+        _guarded_run(tmp_path, {5, 6, 7, 8, 9, 10}, saves=saves)
+    # saved at steps 2, 4 and 6 (step 6 was skipped: the weights are step 4's), never after the stop
+    assert [s for s, _ in saves] == [2, 4, 6] and torch.equal(saves[2][1], saves[1][1])
+    assert all(torch.isfinite(w).all() for _, w in saves)
+
+
+def test_clip_and_step_skips_a_non_finite_gradient():
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w0 = model.weight.detach().clone()
+    model.weight.grad = torch.tensor([[float("inf"), 1.0]])
+    model.bias.grad = torch.tensor([1.0])
+    norm, _ = clip_and_step(model, opt, OptimConfig(lr=0.1, warmup_steps=0), 0)
+    assert not math.isfinite(norm) and torch.equal(model.weight, w0) and model.weight.grad is None
+    guard = NonFiniteGuard(2, "updates")
+    assert guard.check(True, 1) and not guard.check(False, 2) and guard.check(True, 3) and not guard.check(False, 4)
+    with pytest.raises(LmforgeError, match=r"2 updates in a row \(up to step 5\)"):
+        guard.check(False, 5)
+    assert guard.skipped == 3

@@ -163,7 +163,7 @@ def load_reward_fn(spec: str, key: str = "reward_fn") -> RewardFn:
 def minibatch_epochs(n_rows: int, epochs: int, minibatch_size: int, generator: torch.Generator, device,
                      step: Callable[[torch.Tensor], dict | None]) -> dict:
     """The update phase of PPO and GRPO: `epochs` passes over freshly shuffled minibatches of the batch's rows,
-    `step(rows)` (backward + one optimizer step) on each. A step that returns None (a non-finite loss) is
+    `step(rows)` (backward + one optimizer step) on each. A step that returns None (a non-finite loss or gradient) is
     dropped and counted. Returns the mean of the steps' stats, plus skipped_steps."""
     totals: dict[str, float] = {}
     n_steps = skipped = 0

@@ -38,11 +38,35 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 1.0
     grad_accum: int = 1
+    max_skipped_steps: int = 10   # stop after this many steps in a row skipped for a non-finite loss or gradient
 
     def validate(self) -> None:
-        for key in ("max_steps", "grad_accum", "lr"):
+        for key in ("max_steps", "grad_accum", "lr", "max_skipped_steps"):
             if getattr(self, key) <= 0:
                 raise ConfigError(key, "must be positive")
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps whose loss or gradient norm is not finite (the weights stay as they were, as AMP's
+    GradScaler does), counts them, and stops the run with a clear message after `limit` in a row: one bad batch
+    is survivable, a diverged run is not, and the last checkpoint on disk is still the last good one."""
+
+    def __init__(self, limit: int, what: str = "steps"):
+        self.limit, self.what = limit, what
+        self.skipped = self.in_a_row = 0
+
+    def check(self, finite: bool, step: int) -> bool:
+        """Record one step; True if it may update the weights. Raises LmforgeError at `limit` bad ones in a row."""
+        if finite:
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise LmforgeError(f"{self.in_a_row} {self.what} in a row (up to step {step}) had a non-finite loss or "
+                               "gradient norm; stopped with the last checkpoint intact. Lower the learning rate "
+                               "(optim.lr) or check the data")
+        return False
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -77,13 +101,15 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def clip_and_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: OptimConfig, step: int) -> tuple[float, float]:
     """One optimizer step at the scheduled learning rate of `step`, after clipping the gradient norm to
-    sched.grad_clip (0 = no clipping); gradients are zeroed after. Returns (gradient norm before clipping, lr)."""
+    sched.grad_clip (0 = no clipping); gradients are zeroed after. A non-finite gradient norm skips the update
+    (the caller sees it in the returned norm). Returns (gradient norm before clipping, lr)."""
     lr = lr_at(step, sched)
     for g in opt.param_groups:
         g["lr"] = lr
     clip = sched.grad_clip if sched.grad_clip > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-    opt.step()
+    if math.isfinite(grad_norm):
+        opt.step()
     opt.zero_grad(set_to_none=True)
     return grad_norm, lr
 
@@ -269,6 +295,7 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
     bar = tqdm(range(start, end), initial=start, total=optim_cfg.max_steps, desc=desc,
                disable=not (progress and dist_info.is_main), dynamic_ncols=True, leave=False)
     t_last = time.perf_counter()
+    guard = NonFiniteGuard(optim_cfg.max_skipped_steps)
     for step in bar:
         lr = lr_at(step, optim_cfg)
         for g in optimizer.param_groups:
@@ -280,20 +307,23 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
             ctx = contextlib.nullcontext() if sync else model.no_sync()
             with ctx, autocast(device):
                 loss, metrics, ntok = hooks.loss(model, batch)
-            if not torch.isfinite(loss):
-                raise LmforgeError(f"non-finite loss at step {step}: lower the learning rate (optim.lr)")
+            # A non-finite loss still goes through backward: its NaN gradients reach every rank's all-reduce,
+            # so all ranks see a non-finite norm below and skip the same step (no rank waits for another).
             (loss / optim_cfg.grad_accum).backward()
             total_loss += loss.item() / optim_cfg.grad_accum
             n_tokens += ntok
             for k, v in metrics.items():
                 metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / optim_cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf"))
-        optimizer.step()
+        if guard.check(math.isfinite(total_loss) and bool(torch.isfinite(grad_norm)), step + 1):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         now = time.perf_counter()
         dt, t_last = now - t_last, now
         tok_s = n_tokens * dist_info.world_size / dt
         rec = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s, **metrics_sum}
+        if guard.skipped:
+            rec["skipped_steps"] = guard.skipped
         if peak and flops_per_token:
             rec["mfu"] = flops_per_token * n_tokens / dt / peak
         done = step + 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import time
@@ -45,7 +46,7 @@ from lmforge.rundir import RunDir
 from lmforge.scoring import RewardScorer, check_reward_model, disable_dropout
 from lmforge.stage import Stage, StageContext
 from lmforge.tokenizer import Tokenizer
-from lmforge.training import (MetricsLogger, OptimConfig, autocast, build_optimizer, clip_and_step, pick_device,
+from lmforge.training import (MetricsLogger, NonFiniteGuard, OptimConfig, autocast, build_optimizer, clip_and_step, pick_device,
                               rng_state, seed_everything, set_rng_state, synced_time)
 
 
@@ -149,6 +150,7 @@ class GRPOTrainer(RLTrainer):
         steps = cfg.iterations * cfg.ppo_epochs * (cfg.batch_size // cfg.minibatch_size)
         self.sched = dataclasses.replace(cfg.optim, max_steps=max(1, steps))
         self.update_step = 0
+        self.guard = NonFiniteGuard(cfg.optim.max_skipped_steps, "GRPO minibatch updates")
         self.sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature)
 
     # -- rollout and scoring ------------------------------------------------------------------------------
@@ -263,8 +265,10 @@ class GRPOTrainer(RLTrainer):
             stats = self.minibatch_backward(exp, rows)
             if stats is None:  # a non-finite loss: drop this minibatch rather than corrupt the weights
                 self.opt.zero_grad(set_to_none=True)
+                self.guard.check(False, self.update_step)
                 return None
-            return {**stats, **self.optimizer_step()}
+            out = self.optimizer_step()  # a non-finite gradient norm skipped the update
+            return {**stats, **out} if self.guard.check(math.isfinite(out["grad_norm"]), self.update_step) else None
 
         return minibatch_epochs(exp.input_ids.shape[0], self.cfg.ppo_epochs, self.cfg.minibatch_size, generator,
                                 self.device, step)

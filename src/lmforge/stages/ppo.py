@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import json
 import os
 import time
@@ -76,6 +77,7 @@ from lmforge.training import (
     OptimConfig,
     autocast,
     build_optimizer,
+    NonFiniteGuard,
     clip_and_step,
     pick_device,
     rng_state,
@@ -205,6 +207,7 @@ class PPOTrainer(RLTrainer):
             self.ema = merged_copy(actor, self.device) if cfg.actor_lora.rank else copy.deepcopy(actor)
             self.ema.requires_grad_(False)
         self.update_step = 0
+        self.guard = NonFiniteGuard(cfg.actor_optim.max_skipped_steps, "PPO minibatch updates")
         self.sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
 
     # -- rollout and scoring ------------------------------------------------------------------------------
@@ -344,8 +347,11 @@ class PPOTrainer(RLTrainer):
             if stats is None:  # a non-finite loss: drop this minibatch rather than corrupt the weights
                 self.actor_opt.zero_grad(set_to_none=True)
                 self.critic_opt.zero_grad(set_to_none=True)
+                self.guard.check(False, self.update_step)
                 return None
-            return {**stats, **self.optimizer_step()}
+            out = self.optimizer_step()  # a model whose gradient norm is not finite is not updated
+            finite = math.isfinite(out["actor_grad_norm"]) and math.isfinite(out["critic_grad_norm"])
+            return {**stats, **out} if self.guard.check(finite, self.update_step) else None
 
         return minibatch_epochs(exp.input_ids.shape[0], cfg.ppo_epochs, cfg.minibatch_size, generator, self.device,
                                 step)
