@@ -369,6 +369,7 @@ def test_reward_model_saved_with_a_score_bias_keeps_its_normalised_scores(tok, t
     save_checkpoint(tmp_path / "rm", rm, tok, {"stage": "rm", "reward_mean": 3.5, "reward_std": 2.0})
     state = load_file(str(tmp_path / "rm" / "model.safetensors"))
     save_file({**state, "score.bias": torch.tensor([3.0])}, str(tmp_path / "rm" / "model.safetensors"))
+    (tmp_path / "rm" / "manifest.json").unlink()  # checkpoints from then had no manifest
     x = torch.tensor([render_completion(tok, [CONVERSATION[1]], "The answer is 5.")])
     with torch.no_grad():
         expected = (raw_scores(rm.eval(), x, torch.ones_like(x)) + 3.0 - 3.5) / 2.0

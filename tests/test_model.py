@@ -1,5 +1,6 @@
 """Transformer: causality, bidirectionality, KV cache, padding invariance, parameter names."""
 
+import pytest
 import torch
 
 from lmforge.generation import SamplingParams, generate, left_pad
@@ -116,3 +117,35 @@ def test_generate_cli_streams_text(tok, tmp_path, capsys):
     assert capsys.readouterr().out == first and first.endswith("\n")
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 1
     assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+def test_a_truncated_or_tampered_checkpoint_is_one_error_before_use(tok, tmp_path):
+    import json
+
+    from lmforge.checkpoint import load_model, load_training_state, save_checkpoint
+    from lmforge.errors import LmforgeError
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ck", Transformer(tiny_config(tok.vocab_size)), tok,
+                    training_state={"step": 3, "note": torch.zeros(4)})
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())["files"]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "training_state.pt"} <= set(manifest)
+    load_model(tmp_path / "ck")  # intact: loads
+    assert load_training_state(tmp_path / "ck")["step"] == 3
+
+    weights = tmp_path / "ck" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])  # truncated
+    with pytest.raises(LmforgeError, match="model.safetensors: .* bytes, but the checkpoint wrote .*truncated"):
+        load_model(tmp_path / "ck")
+    flipped = bytearray(data)
+    flipped[-5] ^= 0xFF  # same size, one byte changed inside a tensor
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(LmforgeError, match="model.safetensors: sha256 differs"):
+        load_model(tmp_path / "ck")
+    weights.write_bytes(data)
+    state = tmp_path / "ck" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:50])
+    with pytest.raises(LmforgeError, match="training_state.pt: .* bytes"):
+        load_training_state(tmp_path / "ck")
+    load_model(tmp_path / "ck")  # the weights themselves are intact again

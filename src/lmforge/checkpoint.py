@@ -1,18 +1,20 @@
 """Checkpoint directories: config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
-generation_config.json, and optionally training_state.pt.
+generation_config.json, optionally training_state.pt, and manifest.json (size and sha256 of each).
 
 The layout is Hugging Face's, so a policy directory loads with transformers' AutoModelForCausalLM and
 AutoTokenizer as it is, and a Hugging Face folder of the Llama family or Qwen2 loads here as it is
 (`hf:PATH` says so explicitly; `gguf:FILE` converts a GGUF file once, see lmforge.hf).
 
 Writes are atomic: everything goes into a temporary sibling directory that is renamed into place, so a crash
-mid-save never damages the latest good checkpoint. Loading is safe: safetensors for weights and
-`torch.load(..., weights_only=True)` for the training state.
+mid-save never damages the latest good checkpoint. Loading is safe: the files are checked against the manifest
+first (a truncated or modified file is one clear error), weights come through safetensors and the training state
+through `torch.load(..., weights_only=True)`: loading never runs code from a checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -29,8 +31,9 @@ from lmforge.tokenizer import Tokenizer
 
 CONFIG_FILE, WEIGHTS_FILE, STATE_FILE = "config.json", "model.safetensors", "training_state.pt"
 GENERATION_CONFIG_FILE = "generation_config.json"
+MANIFEST_FILE = "manifest.json"  # size and sha256 of every file the checkpoint wrote
 OWNED_FILES = {CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, GENERATION_CONFIG_FILE, "tokenizer.json",
-               "tokenizer_config.json", "chat_template.jinja"}
+               "tokenizer_config.json", "chat_template.jinja", MANIFEST_FILE}
 SUPPORTED = "Llama family (Llama, SmolLM, TinyLlama, Mistral without sliding window) or Qwen2"
 
 
@@ -73,6 +76,7 @@ def atomic_directory_write(target: Path, write_fn) -> None:
     try:
         tmp.mkdir()
         write_fn(tmp)
+        write_manifest(tmp)
         if target.is_dir():  # keep the run's other files (metrics.jsonl, samples, plots) across the swap
             for f in target.iterdir():
                 if f.is_file() and f.name not in OWNED_FILES and not (tmp / f.name).exists():
@@ -90,6 +94,47 @@ def atomic_directory_write(target: Path, write_fn) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """manifest.json: the size and sha256 of every file now in `directory` (a checkpoint being written)."""
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST_FILE}
+    (directory / MANIFEST_FILE).write_text(json.dumps({"format": 1, "files": files}, indent=1), encoding="utf-8")
+
+
+def verify_manifest(path: Path, names: list[str] | None = None) -> None:
+    """Check the files of a checkpoint against its manifest.json (all of them, or `names`), before anything reads
+    them: a truncated or modified file is one clear error instead of a crash or silently wrong weights. A folder
+    without a manifest (a Hugging Face download, an older lmforge checkpoint) is not checked."""
+    mf = path / MANIFEST_FILE
+    if not mf.is_file():
+        return
+    try:
+        files = json.loads(mf.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise LmforgeError(f"{mf}: not a valid checkpoint manifest") from None
+    for name in names if names is not None else list(files):
+        if name not in files:
+            continue
+        f, want = path / name, files[name]
+        if not f.is_file():
+            raise LmforgeError(f"{f}: missing (listed in {MANIFEST_FILE}); the checkpoint is incomplete")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise LmforgeError(f"{f}: {size} bytes, but the checkpoint wrote {want['bytes']}: the file is truncated "
+                               "or was replaced; restore it or retrain")
+        if _sha256(f) != want["sha256"]:
+            raise LmforgeError(f"{f}: sha256 differs from {MANIFEST_FILE}: the file was modified or corrupted after "
+                               "it was saved; restore it or retrain")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -237,6 +282,7 @@ def load_model(path: str | Path, head: str | None = None,
     """Load (model, tokenizer, lmforge metadata). `head` may differ from the saved one: missing head
     weights stay freshly initialised (e.g. a reward model built on an SFT checkpoint)."""
     path = resolve_checkpoint(path)
+    verify_manifest(path, [n for n in OWNED_FILES if n != STATE_FILE])
     cfg = read_config(path)
     meta = dict(cfg.get("lmforge", {}))
     saved_head = meta.get("head")
@@ -299,4 +345,5 @@ def load_training_state(path: str | Path) -> dict | None:
     f = resolve_checkpoint(path) / STATE_FILE
     if not f.is_file():
         return None
+    verify_manifest(f.parent, [STATE_FILE])
     return torch.load(f, map_location="cpu", weights_only=True)
