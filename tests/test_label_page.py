@@ -3,6 +3,7 @@ subprocess: two prompts ranked by dragging with the mouse, one with the keyboard
 resumes at the next prompt, the server killed (SIGKILL) between two rankings and restarted with nothing lost, and
 the output read by the reward-model reader and trained on by `lmforge rm` for one step. Then the A/B vote page."""
 
+import http.client
 import json
 import os
 import signal
@@ -39,16 +40,18 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _start(inp, out, port) -> subprocess.Popen:
+def _start(inp, out, port, labelers=1) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "label", "--judge", "human", "--input", str(inp),
-                             "--out", str(out), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             "--out", str(out), "--port", str(port), "--labelers", str(labelers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/progress", timeout=1):
                 return proc
         except OSError:
+            if proc.poll() == 0:  # it had nothing left to rank: done at once
+                return proc
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "slow"
             time.sleep(0.1)
 
@@ -173,3 +176,68 @@ def test_ab_vote_page(tmp_path):
     expect = [{shown[0][2]: 1, shown[0][1]: 2}, {shown[1][1]: 1, shown[1][2]: 2}, {shown[2][1]: 1, shown[2][2]: 1}]
     assert [_ranks(r) for r in rows] == expect
     assert all(r["policies"] == ["ppo", "sft"] and r["labeler"] == "cy" for r in rows)
+
+
+def test_killing_the_page_server_during_submissions_loses_and_duplicates_nothing(tmp_path):
+    """Two labellers submit as fast as they can through the page's API while the server is SIGKILLed three times
+    at random moments; each retries what was not acknowledged after a restart (as the page does: "Not saved, try
+    again"). Every acknowledged ranking is in the file exactly once, and so is every prompt x labeller."""
+    import random
+    import threading
+
+    n = 300
+    inp, out = tmp_path / "candidates.jsonl", tmp_path / "ranked.jsonl"
+    inp.write_text("".join(json.dumps({"input": f"prompt {i}", "candidates": [f"a{i}", f"b{i}", f"c{i}"]}) + "\n"
+                           for i in range(n)))
+    port = _port()
+    server = _start(inp, out, port, labelers=2)
+    acked: list[tuple[str, str]] = []
+    stop = threading.Event()
+
+    def labeller(name: str) -> None:
+        rng = random.Random(name)
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/task?labeler={name}", timeout=5) as r:
+                    answer = json.loads(r.read())
+                task = answer["task"]
+                if task is None and answer["remaining"]:  # the rest is leased to the other labeller for now
+                    time.sleep(0.05)
+                    continue
+                if task is None:
+                    return
+                keys = [c["key"] for c in task["candidates"]]
+                rng.shuffle(keys)
+                body = json.dumps({"labeler": name, "id": task["id"], "groups": [[k] for k in keys]}).encode()
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/api/submit", body,
+                                             {"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    if not json.loads(r.read())["duplicate"]:
+                        acked.append((name, task["id"]))
+            except (OSError, http.client.HTTPException, ValueError):  # the server is down (or died mid-reply):
+                time.sleep(0.05)                                        # retry once it is back
+
+    workers = [threading.Thread(target=labeller, args=(name,)) for name in ("ana", "bo")]
+    for w in workers:
+        w.start()
+    try:
+        kills = 0
+        while kills < 3 and any(w.is_alive() for w in workers):
+            time.sleep(random.uniform(0.05, 0.3))
+            server.send_signal(signal.SIGKILL)
+            server.wait(10)
+            kills += 1
+            server = _start(inp, out, port, labelers=2)
+        assert kills == 3
+        for w in workers:
+            w.join(120)
+        assert not any(w.is_alive() for w in workers)
+    finally:
+        stop.set()
+        if server.poll() is None:
+            server.kill()
+        server.wait(10)
+    rows = _rows(out)
+    pairs = [(r["labeler"], r["id"]) for r in rows]
+    assert len(pairs) == len(set(pairs)) == 2 * n  # every prompt ranked once by each labeller, no duplicates
+    assert set(acked) <= set(pairs)  # nothing acknowledged was lost

@@ -138,9 +138,17 @@ class LabelSession:
                 "total": self.labelers * len(self.items), "skipped": sum(map(len, self.skipped.values())),
                 "per_labeler": dict(sorted(per.items()))}
 
+    def remaining(self, labeler: str) -> int:
+        """Prompts `labeler` may still rank (some may be leased to others for now)."""
+        labeler = _check_name(labeler)
+        with self._lock:
+            return sum(labeler not in self.done[i.id] and labeler not in self.skipped[i.id]
+                       and len(self.done[i.id]) < self.labelers for i in self.items)
+
     def next_task(self, labeler: str) -> dict | None:
-        """The next prompt for `labeler` (leased to them), with its candidates shuffled; None when nothing is left
-        for them. The same labeller gets the same order back after a reload."""
+        """The next prompt for `labeler` (leased to them), with its candidates shuffled; None when nothing is free
+        for them now (`remaining` tells whether others hold what is left). The same labeller gets the same order
+        back after a reload."""
         labeler = _check_name(labeler)
         now = time.monotonic()
         with self._lock:
@@ -220,7 +228,8 @@ def _check_name(labeler: str) -> str:
 
 def create_label_app(session: LabelSession, title: str = "lmforge: rank the answers"):
     """A FastAPI app: GET / (the page), GET /api/task?labeler=NAME, POST /api/submit, POST /api/skip,
-    GET /api/progress. Errors are {"error": message} with status 400 / 404."""
+    GET /api/progress. Errors are {"error": message} with status 400 / 404. A task of null with remaining > 0
+    means the prompts left for this labeller are leased to others for now: the page asks again every 2 s."""
     app = FastAPI(title=title)
     page = (Path(__file__).parent.parent / "web" / "rank.html").read_text(encoding="utf-8")
 
@@ -248,9 +257,11 @@ def create_label_app(session: LabelSession, title: str = "lmforge: rank the answ
     async def task(labeler: str = ""):
         try:
             t = session.next_task(labeler)
+            left = 0 if t is not None else session.remaining(labeler)
         except ValueError as e:
             return bad(400, str(e))
-        return {"mode": session.mode, "task": t, "progress": session.progress()}
+        # task null with remaining > 0: what is left is with other labellers for now; ask again shortly
+        return {"mode": session.mode, "task": t, "remaining": left, "progress": session.progress()}
 
     @app.post("/api/submit")
     async def submit(request: Request):
