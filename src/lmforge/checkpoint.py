@@ -75,8 +75,17 @@ def atomic_directory_write(target: Path, write_fn) -> None:
     old = target.parent / f".{target.name}.old"
     try:
         tmp.mkdir()
-        write_fn(tmp)
-        write_manifest(tmp)
+        try:
+            write_fn(tmp)
+            write_manifest(tmp)
+        except OSError as e:
+            raise LmforgeError(f"{target}: could not write the checkpoint ({e.strerror or e}); the previous "
+                               "checkpoint, if any, is intact") from None
+        except Exception as e:  # safetensors reports I/O errors as its own exception type
+            if "No space left" not in str(e) and "StorageFull" not in str(e):
+                raise
+            raise LmforgeError(f"{target}: could not write the checkpoint (no space left on device); the previous "
+                               "checkpoint, if any, is intact") from None
         if target.is_dir():  # keep the run's other files (metrics.jsonl, samples, plots) across the swap
             for f in target.iterdir():
                 if f.is_file() and f.name not in OWNED_FILES and not (tmp / f.name).exists():
@@ -135,6 +144,12 @@ def verify_manifest(path: Path, names: list[str] | None = None) -> None:
         if _sha256(f) != want["sha256"]:
             raise LmforgeError(f"{f}: sha256 differs from {MANIFEST_FILE}: the file was modified or corrupted after "
                                "it was saved; restore it or retrain")
+
+
+def estimate_bytes(model: torch.nn.Module, training_state: bool = True) -> int:
+    """Bytes of one checkpoint of `model`: fp32 weights, plus AdamW's two moments in the training state."""
+    n = sum(p.numel() for p in model.parameters())
+    return 4 * n * (3 if training_state else 1)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

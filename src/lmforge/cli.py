@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import inspect
 import re
@@ -258,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         command.main(rest)
     except LmforgeError as e:
         print(f"lmforge {name}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        # A full disk (or a write refused) in the middle of a run: one line; checkpoints are written atomically,
+        # so the last complete one is intact.
+        print(f"lmforge {name}: error: {e.filename or 'output'}: {e.strerror}; the last complete checkpoint is "
+              "intact", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"lmforge {name}: interrupted", file=sys.stderr)

@@ -61,6 +61,8 @@ class RunDir:
                 raise LmforgeError(f"config key 'out' must differ from '{key}' (the input would be overwritten)")
         if out.exists() and not out.is_dir():
             raise LmforgeError(f"config key 'out': {out} exists and is not a directory")
+        if self.is_main:
+            _check_writable(out)
         if not self.resume:
             if out.is_dir() and any(out.iterdir()):
                 if not self.is_run():
@@ -83,9 +85,13 @@ class RunDir:
         return state
 
     @contextlib.contextmanager
-    def active(self, resume_step: int = 0):
+    def active(self, resume_step: int = 0, checkpoint_bytes: int = 0):
         """Prepare the directory (cleared for a fresh run, logs trimmed to `resume_step` on resume) and remove it
-        again if the body fails before a fresh run wrote its first checkpoint."""
+        again if the body fails before a fresh run wrote its first checkpoint. With `checkpoint_bytes` (the size
+        of one checkpoint, `checkpoint.estimate_bytes`), first make sure the disk can hold two of them: a save
+        writes the new one beside the old before the swap."""
+        if self.is_main and checkpoint_bytes:
+            _check_free_space(self.path, 2 * checkpoint_bytes, freed=0 if self.resume else _dir_bytes(self.path))
         if self.is_main:
             if self.resume:
                 truncate_logs(self.path, resume_step)
@@ -109,3 +115,33 @@ class RunDir:
         tmp.write_text(json.dumps(rec, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
         os.replace(tmp, self.path / RUN_FILE)
 
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an output directory that cannot be created or written (permissions, read-only filesystem), before
+    any work: a probe file is created and removed next to where the run will write."""
+    base = out if out.is_dir() else _existing_ancestor(out)
+    probe = base / f".lmforge-write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise LmforgeError(f"config key 'out': cannot write in {base} ({e.strerror})") from None
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _check_free_space(out: Path, need: int, freed: int = 0) -> None:
+    free = shutil.disk_usage(_existing_ancestor(out)).free + freed
+    if free < need:
+        raise LmforgeError(f"config key 'out': {out} has {free / 2**20:.0f} MiB free, but saving this run's "
+                           f"checkpoints needs about {need / 2**20:.0f} MiB (a new checkpoint is written beside "
+                           "the previous one); free some space or choose another directory")

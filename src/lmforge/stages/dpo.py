@@ -47,7 +47,7 @@ from typing import Literal
 import torch
 
 from lmforge.chat import render_prompt
-from lmforge.checkpoint import load_model, read_config, resolve_checkpoint, save_checkpoint
+from lmforge.checkpoint import estimate_bytes, load_model, read_config, resolve_checkpoint, save_checkpoint
 from lmforge.cli import Command, Flag
 from lmforge.config import to_dict
 from lmforge.errors import ConfigError, LmforgeError
@@ -424,7 +424,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, progress: bool = True) -> dict
                          cfg.group_by_prompt)
     hooks = LoopHooks(batches,
                       lambda m, batch: dpo_batch_loss(m, batch, cfg), save, eval_hook)
-    with rundir.active(int(state["step"]) if state else 0):
+    with rundir.active(int(state["step"]) if state else 0, checkpoint_bytes=estimate_bytes(model)):
         logger = MetricsLogger(out)
         history = train_loop(model, optim, hooks, out, device, resume_state=state, eval_every=cfg.eval_every,
                              save_every=cfg.save_every, log_every=cfg.log_every, logger=logger, progress=progress,

@@ -30,7 +30,7 @@ from typing import Callable, Literal
 
 import torch
 
-from lmforge.checkpoint import load_model, read_config, resolve_checkpoint, save_checkpoint
+from lmforge.checkpoint import estimate_bytes, load_model, read_config, resolve_checkpoint, save_checkpoint
 from lmforge.cli import Command, Flag
 from lmforge.config import to_dict
 from lmforge.errors import ConfigError, LmforgeError
@@ -386,7 +386,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True, rewar
                         trainer.state_dict(iteration))
 
     history = []
-    with rundir.active(start):
+    with rundir.active(start, checkpoint_bytes=estimate_bytes(trainer.policy)):
         logger = MetricsLogger(out)
         bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo",
                    disable=not progress, dynamic_ncols=True, leave=False)

@@ -28,6 +28,7 @@ from typing import Callable, Literal
 import torch
 
 from lmforge.checkpoint import (
+    estimate_bytes,
     load_model,
     read_config,
     resolve_checkpoint,
@@ -510,7 +511,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
                         {"stage": "ppo_critic", "iteration": iteration})
 
     history = []
-    with rundir.active(start):
+    with rundir.active(start, checkpoint_bytes=estimate_bytes(trainer.actor) + estimate_bytes(trainer.critic)):
         logger = MetricsLogger(out)
         bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo",
                    disable=not progress, dynamic_ncols=True, leave=False)

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lmforge.checkpoint import load_model, read_config, save_checkpoint
+from lmforge.checkpoint import estimate_bytes, load_model, read_config, save_checkpoint
 from lmforge.cli import Command, Flag
 from lmforge.config import to_dict
 from lmforge.data import TokenShards, read_manifest
@@ -288,7 +288,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = Tru
         save_checkpoint(out, m, tok, {**meta, "step": training_state["step"]}, training_state)
 
     hooks = LoopHooks(micro_batch=micro_batch, loss=loss_fn, save=save, evaluate=evaluate_hook)
-    with rundir.active(int(resume_state["step"]) if resume_state else 0):
+    with rundir.active(int(resume_state["step"]) if resume_state else 0, checkpoint_bytes=estimate_bytes(model)):
         logger = MetricsLogger(out, cfg.logger, run_name=out.name, enabled=dist_info.is_main)
         history = train_loop(model, cfg.optim, hooks, out, device, resume_state, eval_every=cfg.eval_every,
                              save_every=cfg.save_every, log_every=cfg.log_every, flops_per_token=flops_per_token,

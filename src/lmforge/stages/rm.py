@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.checkpoint import (
+    estimate_bytes,
     load_model,
     read_config,
     resolve_checkpoint,
@@ -343,7 +344,7 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> dict:
 
     mean_len = sum(len(s) for ex in train for s in ex.ids) / sum(len(ex.ids) for ex in train)
     hooks = LoopHooks(RMBatches(train, cfg.batch_size, optim.grad_accum, pad, cfg.seed, device), loss_fn, save, eval_hook)
-    with rundir.active(int(state["step"]) if state else 0):
+    with rundir.active(int(state["step"]) if state else 0, checkpoint_bytes=estimate_bytes(model)):
         logger = MetricsLogger(out, enabled=dist_info.is_main)
         history = train_loop(model, optim, hooks, out, device, resume_state=state, eval_every=cfg.eval_every,
                              save_every=cfg.save_every, log_every=cfg.log_every, logger=logger, dist_info=dist_info,

@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 
 from lmforge.chat import record_to_messages, render, render_prompt, stop_ids
-from lmforge.checkpoint import load_model, read_config, save_checkpoint
+from lmforge.checkpoint import estimate_bytes, load_model, read_config, save_checkpoint
 from lmforge.cli import Command, Flag
 from lmforge.config import to_dict
 from lmforge.errors import ConfigError, LmforgeError, where
@@ -484,7 +484,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict
             load_trainable_state_dict(model, state["lora"])
     model.to(device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    with rundir.active(int(state["step"]) if state else 0):
+    with rundir.active(int(state["step"]) if state else 0, checkpoint_bytes=estimate_bytes(model)):
         history, before, logger = _train(cfg, model, tok, data, batches, optim, state, out, device, dist_info,
                                          max_len, progress)
 
