@@ -115,7 +115,13 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise LmforgeError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise LmforgeError(f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', None) or e})"
+                               .replace("\n", " ")) from None
+        if not key.strip() or any(not part for part in key.strip().split(".")):
+            raise LmforgeError(f"override '{item}': empty key")
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
