@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from lmforge.tokenizer import Tokenizer
 
 CONFIG_FILE, WEIGHTS_FILE, STATE_FILE = "config.json", "model.safetensors", "training_state.pt"
 GENERATION_CONFIG_FILE = "generation_config.json"
+# Tests set LMFORGE_TEST_SAVE_DELAY (seconds) to hold every save in its most fragile moment (the previous
+# checkpoint renamed aside, the new one not yet in place), so a SIGKILL lands inside it.
+_SAVE_DELAY = float(os.environ.get("LMFORGE_TEST_SAVE_DELAY", "0") or 0)
 MANIFEST_FILE = "manifest.json"  # size and sha256 of every file the checkpoint wrote
 OWNED_FILES = {CONFIG_FILE, WEIGHTS_FILE, STATE_FILE, GENERATION_CONFIG_FILE, "tokenizer.json",
                "tokenizer_config.json", "chat_template.jinja", MANIFEST_FILE}
@@ -97,6 +101,8 @@ def atomic_directory_write(target: Path, write_fn) -> None:
             shutil.rmtree(old)
         if target.exists():
             target.rename(old)
+        if _SAVE_DELAY:  # fault injection for the crash tests: widen the window where only `.old` exists
+            time.sleep(_SAVE_DELAY)
         tmp.rename(target)
         if old.exists():
             shutil.rmtree(old)
@@ -150,6 +156,19 @@ def estimate_bytes(model: torch.nn.Module, training_state: bool = True) -> int:
     """Bytes of one checkpoint of `model`: fp32 weights, plus AdamW's two moments in the training state."""
     n = sum(p.numel() for p in model.parameters())
     return 4 * n * (3 if training_state else 1)
+
+
+def recover_interrupted_save(target: str | Path) -> None:
+    """Undo what a crash inside `atomic_directory_write` left: if the checkpoint directory is gone and only its
+    `.old` twin remains (killed between the two renames), put it back; remove half-written `.tmp-*` siblings,
+    which are never taken for a checkpoint."""
+    target = Path(target)
+    old = target.parent / f".{target.name}.old"
+    if not target.exists() and old.is_dir():
+        old.rename(target)
+    if target.parent.is_dir():
+        for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -56,6 +56,10 @@ class RunDir:
     def check(self) -> dict | None:
         """Refuse an output directory that must not be written; with resume, the saved training state."""
         out = self.path
+        if self.is_main:  # a crash inside a save: the previous checkpoint back in place, no half-written copies
+            from lmforge.checkpoint import recover_interrupted_save
+
+            recover_interrupted_save(out)
         for key, d in self.inputs.items():
             if d and out.resolve() == Path(d).resolve():
                 raise LmforgeError(f"config key 'out' must differ from '{key}' (the input would be overwritten)")
