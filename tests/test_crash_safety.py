@@ -68,3 +68,25 @@ def test_sigkill_inside_a_save_and_anywhere_then_resume_is_bit_exact(sft_inputs,
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit for bit
     steps = lambda d: [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert steps(out) == steps(ref)  # lines logged after the checkpoint a resume started from were trimmed
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_a_resumable_checkpoint(sft_inputs, tmp_path, sig):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_argv(sft_inputs, out, "optim.max_steps=2000", "save_every=0", "log_every=1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "continue with --resume" in stdout and "lmforge sft: interrupted" in stderr and "Traceback" not in stderr
+    step = int(stdout.split("stopped at step ")[1].split()[0])
+    state = json.loads((out / "config.json").read_text())["lmforge"]
+    assert state["step"] == step >= 3  # hundreds of steps are never thrown away: the work so far is saved
+    done = subprocess.run(_argv(sft_inputs, out, "optim.max_steps=2000", "save_every=0", "log_every=1",
+                                f"stop_step={step + 2}", "--resume"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "config.json").read_text())["lmforge"]["step"] == step + 2

@@ -12,6 +12,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +99,43 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LmforgeError(f"device '{name}' requested but CUDA is not available")
     return torch.device(name)
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM during training: let the current step finish, save a resumable checkpoint, then
+    stop; a second signal stops at once. Only the main thread can install handlers; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # asked twice: stop now
+            self._restore()
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def requested(self, dist_info: DistInfo, device: torch.device) -> bool:
+        """Whether to stop after this step; under torchrun every rank agrees (one all-reduce per step)."""
+        if dist_info.world_size == 1:
+            return self.signal is not None
+        flag = torch.tensor([float(self.signal is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def clip_and_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: OptimConfig, step: int) -> tuple[float, float]:
@@ -296,48 +335,57 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
                disable=not (progress and dist_info.is_main), dynamic_ncols=True, leave=False)
     t_last = time.perf_counter()
     guard = NonFiniteGuard(optim_cfg.max_skipped_steps)
-    for step in bar:
-        lr = lr_at(step, optim_cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        total_loss, n_tokens, metrics_sum = 0.0, 0, {}
-        for micro in range(optim_cfg.grad_accum):
-            batch = hooks.micro_batch(step, micro, dist_info)
-            sync = micro == optim_cfg.grad_accum - 1 or dist_info.world_size == 1
-            ctx = contextlib.nullcontext() if sync else model.no_sync()
-            with ctx, autocast(device):
-                loss, metrics, ntok = hooks.loss(model, batch)
-            # A non-finite loss still goes through backward: its NaN gradients reach every rank's all-reduce,
-            # so all ranks see a non-finite norm below and skip the same step (no rank waits for another).
-            (loss / optim_cfg.grad_accum).backward()
-            total_loss += loss.item() / optim_cfg.grad_accum
-            n_tokens += ntok
-            for k, v in metrics.items():
-                metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / optim_cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf"))
-        if guard.check(math.isfinite(total_loss) and bool(torch.isfinite(grad_norm)), step + 1):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        tok_s = n_tokens * dist_info.world_size / dt
-        rec = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s, **metrics_sum}
-        if guard.skipped:
-            rec["skipped_steps"] = guard.skipped
-        if peak and flops_per_token:
-            rec["mfu"] = flops_per_token * n_tokens / dt / peak
-        done = step + 1
-        if hooks.evaluate is not None and eval_every and (done % eval_every == 0 or done == optim_cfg.max_steps):
-            rec.update(hooks.evaluate(raw_model, done))
-            model.train()
-        history.append({"step": done, **rec})
-        if done % log_every == 0 or done == optim_cfg.max_steps or "val_loss" in rec:
-            logger.log(done, rec)
-        bar.set_postfix(loss=f"{total_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
-                        **({"mfu": f"{rec['mfu']:.0%}"} if "mfu" in rec else {}))
-        final = done == optim_cfg.max_steps
-        if dist_info.is_main and ((save_every and done % save_every == 0) or final or done == end):
-            hooks.save(raw_model, {"optimizer": optimizer.state_dict(), "step": done, "rng": rng_state()}, final)
-        t_last = time.perf_counter()  # time the next step alone, not this step's eval and save
+    with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, save, stop (see StopRequest)
+        for step in bar:
+            lr = lr_at(step, optim_cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            total_loss, n_tokens, metrics_sum = 0.0, 0, {}
+            for micro in range(optim_cfg.grad_accum):
+                batch = hooks.micro_batch(step, micro, dist_info)
+                sync = micro == optim_cfg.grad_accum - 1 or dist_info.world_size == 1
+                ctx = contextlib.nullcontext() if sync else model.no_sync()
+                with ctx, autocast(device):
+                    loss, metrics, ntok = hooks.loss(model, batch)
+                # A non-finite loss still goes through backward: its NaN gradients reach every rank's all-reduce,
+                # so all ranks see a non-finite norm below and skip the same step (no rank waits for another).
+                (loss / optim_cfg.grad_accum).backward()
+                total_loss += loss.item() / optim_cfg.grad_accum
+                n_tokens += ntok
+                for k, v in metrics.items():
+                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / optim_cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf"))
+            if guard.check(math.isfinite(total_loss) and bool(torch.isfinite(grad_norm)), step + 1):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            tok_s = n_tokens * dist_info.world_size / dt
+            rec = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s, **metrics_sum}
+            if guard.skipped:
+                rec["skipped_steps"] = guard.skipped
+            if peak and flops_per_token:
+                rec["mfu"] = flops_per_token * n_tokens / dt / peak
+            done = step + 1
+            if hooks.evaluate is not None and eval_every and (done % eval_every == 0 or done == optim_cfg.max_steps):
+                rec.update(hooks.evaluate(raw_model, done))
+                model.train()
+            history.append({"step": done, **rec})
+            if done % log_every == 0 or done == optim_cfg.max_steps or "val_loss" in rec:
+                logger.log(done, rec)
+            bar.set_postfix(loss=f"{total_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
+                            **({"mfu": f"{rec['mfu']:.0%}"} if "mfu" in rec else {}))
+            final = done == optim_cfg.max_steps
+            interrupted = not final and stop.requested(dist_info, device)
+            if dist_info.is_main and ((save_every and done % save_every == 0) or final or done == end or interrupted):
+                hooks.save(raw_model, {"optimizer": optimizer.state_dict(), "step": done, "rng": rng_state()}, final)
+            if interrupted:
+                bar.close()
+                if dist_info.is_main:
+                    name = signal.Signals(stop.signal).name if stop.signal else "signal"
+                    print(f"stopped at step {done} ({name}): a checkpoint was saved in {out_dir}; continue with "
+                          "--resume", flush=True)
+                raise KeyboardInterrupt
+            t_last = time.perf_counter()  # time the next step alone, not this step's eval and save
     bar.close()
     return history

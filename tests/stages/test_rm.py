@@ -456,3 +456,10 @@ def test_fully_tied_record_is_skipped_and_counted(tok, tmp_path):
                  '{"input": "q2", "choices": [{"text": "a", "rank": 2}, {"text": "b", "rank": 2}]}\n', encoding="utf-8")
     examples, skipped = load_data(p, tok, encoder=False, max_len=64)
     assert len(examples) == 1 and skipped == 1
+
+
+def test_one_prompt_with_a_held_out_split_says_what_to_change(tok, tmp_path):
+    recs = [{"input": "q", "choices": [{"text": f"a{i}", "rank": 1}, {"text": f"b{i}", "rank": 2}]} for i in range(4)]
+    data = _write(tmp_path / "one.jsonl", recs)
+    with pytest.raises(LmforgeError, match=r"1 distinct prompt\(s\).*set val_fraction=0"):
+        run_rm(_cfg(_init(tmp_path / "sft", tok), data, tmp_path / "rm"))

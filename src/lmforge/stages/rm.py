@@ -234,7 +234,10 @@ def load_rm_data(cfg: RMConfig) -> RMData:
     else:
         train, val = split_by_prompt(train, cfg.val_fraction, cfg.seed)
     if not train:
-        raise LmforgeError(f"{cfg.data}: no training records left after holding out val_fraction={cfg.val_fraction}")
+        n = len({json.dumps(ex.prompt, sort_keys=True) for ex in val})
+        raise LmforgeError(f"{cfg.data}: no training records left after holding out val_fraction={cfg.val_fraction}: "
+                           f"the data has {n} distinct prompt(s) and held-out prompts keep all their records; add "
+                           "prompts, set val_fraction=0 (no held-out accuracy), or give held-out records in val_data")
     if cfg.reference_data:
         refs, n = load(cfg.reference_data, require_labels=False)
         skipped, references = skipped + n, best_responses(refs)

@@ -279,7 +279,8 @@ def self_instruct(cfg: SelfInstructConfig, progress: bool = True) -> dict:
               "too_short": 0, "too_long": 0, "keyword": 0, "punctuation": 0}
     if len(generated) >= cfg.n:
         return {**counts, "total": len(generated), "seconds": time.perf_counter() - t0}
-    generator = OpenAIGenerator(cfg.generator) if cfg.generator.name == "openai" else LocalGenerator(cfg.generator, cfg.seed)
+    generator = (OpenAIGenerator(cfg.generator) if cfg.generator.name == "openai"
+                 else LocalGenerator(cfg.generator, cfg.seed))
     rng = random.Random(f"{cfg.seed}|{len(generated)}")
     budget = cfg.max_requests or 20 * cfg.n
     bar = tqdm(total=cfg.n, initial=len(generated), desc="selfinstruct", disable=not progress)
@@ -288,7 +289,8 @@ def self_instruct(cfg: SelfInstructConfig, progress: bool = True) -> dict:
         prompts = []
         for _ in range(batch):
             k_machine = min(cfg.machine_examples, len(generated))
-            examples = rng.sample(seeds, min(cfg.num_examples - k_machine, len(seeds))) + rng.sample(generated, k_machine)
+            examples = (rng.sample(seeds, min(cfg.num_examples - k_machine, len(seeds)))
+                        + rng.sample(generated, k_machine))
             rng.shuffle(examples)
             prompts.append(build_prompt(examples))
         counts["requests"] += batch
