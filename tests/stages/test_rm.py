@@ -463,3 +463,15 @@ def test_one_prompt_with_a_held_out_split_says_what_to_change(tok, tmp_path):
     data = _write(tmp_path / "one.jsonl", recs)
     with pytest.raises(LmforgeError, match=r"1 distinct prompt\(s\).*set val_fraction=0"):
         run_rm(_cfg(_init(tmp_path / "sft", tok), data, tmp_path / "rm"))
+
+
+def test_an_existing_run_is_not_overwritten_without_overwrite_true(tok, tmp_path):
+    init, data = _init(tmp_path / "sft", tok), _write(tmp_path / "r.jsonl", _ranked(16))
+    opt = OptimConfig(lr=3e-3, warmup_steps=1, max_steps=2, weight_decay=0.0)
+    run_rm(_cfg(init, data, tmp_path / "rm", optim=opt))
+    before = (tmp_path / "rm" / "model.safetensors").read_bytes()
+    with pytest.raises(LmforgeError, match="already holds a run; pass --resume to continue it or overwrite=true"):
+        run_rm(_cfg(init, data, tmp_path / "rm", optim=opt, seed=1))
+    assert (tmp_path / "rm" / "model.safetensors").read_bytes() == before
+    run_rm(_cfg(init, data, tmp_path / "rm", optim=opt, seed=1, overwrite=True))
+    assert (tmp_path / "rm" / "model.safetensors").read_bytes() != before
