@@ -36,21 +36,12 @@ class JudgeServer:
                 time.sleep(server.delay)
                 with server.lock:
                     server.in_flight -= 1
-                if server.mode == "http_error":
+                reply = server.reply(body)
+                if reply is None:
                     self.send_response(500)
                     self.end_headers()
                     return
-                first_try = len(body["messages"]) == 2
-                if server.mode == "always_bad" or (server.mode == "bad_once" and first_try):
-                    content = "Candidate one is clearly the best."
-                elif server.mode == "always_A" and "\n\nResponse A:\n" in body["messages"][1]["content"]:
-                    content = "A"
-                elif server.mode == "bad_compare" and "\n\nResponse A:\n" in body["messages"][1]["content"]:
-                    content = "Both responses have their merits."
-                else:
-                    content = server.answer(body["messages"][1]["content"])
-                reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
-                data = json.dumps({"result": content} if server.mode == "not_chat" else reply).encode()
+                data = json.dumps(reply).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -60,6 +51,24 @@ class JudgeServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def reply(self, body: dict) -> dict | None:
+        """The JSON body answering one request (None: HTTP 500). Subclasses script other servers."""
+        if self.mode == "http_error":
+            return None
+        first_try = len(body["messages"]) == 2
+        pairwise = "\n\nResponse A:\n" in body["messages"][1]["content"]
+        if self.mode == "always_bad" or (self.mode == "bad_once" and first_try):
+            content = "Candidate one is clearly the best."
+        elif self.mode == "always_A" and pairwise:
+            content = "A"
+        elif self.mode == "bad_compare" and pairwise:
+            content = "Both responses have their merits."
+        else:
+            content = self.answer(body["messages"][1]["content"])
+        if self.mode == "not_chat":
+            return {"result": content}
+        return {"choices": [{"message": {"role": "assistant", "content": content}}]}
 
     @staticmethod
     def answer(prompt: str) -> str:

@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,12 +31,6 @@ PROMPTS = [("Name a red fruit.", ["apple", "a red apple", "banana"]),
            ("大象是大的还是小的?", ["大象是大的。", "小的", "大象很大。"]),
            ("What is 2 + 3?", ["5", "2 + 3 = 5", "six"]),
            ("Say hello.", ["hello", "hi", "goodbye"])]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(inp, out, port, labelers=1) -> subprocess.Popen:
@@ -80,7 +73,7 @@ def test_rank_with_mouse_and_keyboard_resume_and_survive_a_kill(tmp_path, tok):
     inp, out = tmp_path / "candidates.jsonl", tmp_path / "ranked.jsonl"
     inp.write_text("".join(json.dumps({"input": p, "candidates": c}, ensure_ascii=False) + "\n" for p, c in PROMPTS),
                    encoding="utf-8")
-    port = _port()
+    port = http_server.free_port()
     server = _start(inp, out, port)
     driver = start_chromium(tmp_path / "profile")
     wait = WebDriverWait(driver, 20)
@@ -189,7 +182,7 @@ def test_killing_the_page_server_during_submissions_loses_and_duplicates_nothing
     inp, out = tmp_path / "candidates.jsonl", tmp_path / "ranked.jsonl"
     inp.write_text("".join(json.dumps({"input": f"prompt {i}", "candidates": [f"a{i}", f"b{i}", f"c{i}"]}) + "\n"
                            for i in range(n)))
-    port = _port()
+    port = http_server.free_port()
     server = _start(inp, out, port, labelers=2)
     acked: list[tuple[str, str]] = []
     stop = threading.Event()

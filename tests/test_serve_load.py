@@ -5,7 +5,6 @@ used after an identical warm-up burst."""
 
 import asyncio
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -80,9 +79,7 @@ async def _burst(base: str, n: int, seed: int) -> dict:
 
 def test_a_burst_with_bad_and_dropped_requests(tok, tmp_path):
     checkpoints = http_server.tiny_checkpoints(tok, tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = http_server.free_port()
     server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--model", f"tiny={checkpoints / 'tiny'}",
                                "--port", str(port), "max_batch=32", "max_queue=512", "device=cpu"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -361,17 +361,18 @@ def load_model(path: str | Path, head: str | None = None,
 def load_causal_lm(path: str | Path, what: str, device: str | torch.device = "cpu"
                    ) -> tuple[Transformer, Tokenizer, dict]:
     """Load a checkpoint that must generate text (a policy): refuse, in one line naming it and `what` needs it,
-    a reward or value model (scalar head: its LM head would be random) and a bidirectional encoder."""
-    model, tok, meta = load_model(path, head="lm", device=device)
-    cfg = read_config(resolve_checkpoint(path))
-    scalar = meta.get("head") == "scalar" or (
-        "head" not in meta and any("SequenceClassification" in a for a in cfg.get("architectures") or []))
-    if scalar:
+    a reward or value model (scalar head: its LM head would be random) and a bidirectional encoder, before any
+    weights are read."""
+    resolved = resolve_checkpoint(path)
+    cfg = read_config(resolved)
+    head = cfg.get("lmforge", {}).get("head")
+    if head == "scalar" or (head is None and any("SequenceClassification" in a
+                                                 for a in cfg.get("architectures") or [])):
         raise LmforgeError(f"{path} is a reward/value model (scalar head), not a language model; {what} needs a "
                            "policy checkpoint (pretrain, sft, ppo, dpo or grpo output)")
-    if not model.config.is_causal:
+    if not model_config_from_dict(cfg, str(resolved / CONFIG_FILE)).is_causal:
         raise LmforgeError(f"{path} is a bidirectional encoder (masked LM); {what} needs a causal language model")
-    return model, tok, meta
+    return load_model(path, head="lm", device=device)
 
 
 def load_training_state(path: str | Path) -> dict | None:

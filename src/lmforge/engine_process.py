@@ -25,7 +25,7 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 
-from lmforge.engine import QueueFull, TokenEvent, check_request
+from lmforge.engine import QueueFull, Request, TokenEvent, check_request
 from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingParams
 from lmforge.tokenizer import Tokenizer
@@ -35,25 +35,6 @@ log = logging.getLogger(__name__)
 
 class EngineStopped(RuntimeError):
     """The engine process has exited (crashed or stopped): it takes no more requests (a server answers 503)."""
-
-
-class RemoteRequest:
-    """A request decoded in the child: its output so far, as `engine.Request` keeps it."""
-
-    def __init__(self, id: str, on_token: Callable[[TokenEvent], None] | None):
-        self.id, self.on_token = id, on_token
-        self.tokens: list[int] = []
-        self.logprobs: list[float] = []
-        self.finish_reason: str | None = None
-        self._done = threading.Event()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the request has finished (True) or the timeout passed (False)."""
-        return self._done.wait(timeout)
 
 
 class EngineProcess:
@@ -71,7 +52,7 @@ class EngineProcess:
                                  name="lmforge-engine")
         self._proc.start()
         child.close()  # the child's end lives in the child only, so its exit reads as EOF here
-        self._requests: dict[str, RemoteRequest] = {}
+        self._requests: dict[str, Request] = {}
         self._lock = threading.Lock()  # guards _requests, _dead and sending on the pipe
         self._counter = itertools.count()
         self._running = self._waiting = 0
@@ -112,7 +93,7 @@ class EngineProcess:
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
                stop_ids: Sequence[int] | None = None, seed: int | None = None,
                on_token: Callable[[TokenEvent], None] | None = None, request_id: str | None = None
-               ) -> RemoteRequest:
+               ) -> Request:
         """As `Engine.submit`: ValueError for a request the model cannot serve, QueueFull past the bound."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt]
@@ -126,7 +107,8 @@ class EngineProcess:
             rid = request_id if request_id is not None else f"req-{next(self._counter)}"
             if rid in self._requests:
                 raise ValueError(f"request id {rid!r} is already in use")
-            req = self._requests[rid] = RemoteRequest(rid, on_token)
+            # The parent's copy keeps the output as it arrives (tokens, finish reason, wait()); the child samples.
+            req = self._requests[rid] = Request(rid, prompt, params, stop_ids or (), [], on_token)
             self._conn.send(("submit", rid, prompt, params, None if stop_ids is None else list(stop_ids), seed))
         return req
 
@@ -178,20 +160,10 @@ class EngineProcess:
             log.error("the engine process exited with code %s", self._proc.exitcode)
         self._fail_all("error")
 
-    def _deliver(self, req: RemoteRequest, ev: TokenEvent) -> None:
-        if ev.token is not None:
-            req.tokens.append(ev.token)
-            req.logprobs.append(ev.logprob)
-        if ev.finished:
-            req.finish_reason = ev.finish_reason
-        if req.on_token is not None:
-            try:
-                req.on_token(ev)
-            except Exception:  # the consumer is gone (e.g. a closed event loop): stop decoding for it
-                log.exception("on_token callback of request %s failed; cancelling it", req.id)
-                self.cancel(req.id)
-        if ev.finished:
-            req._done.set()
+    def _deliver(self, req: Request, ev: TokenEvent) -> None:
+        req._emit(ev)
+        if req._cancel and not ev.finished:  # its on_token callback failed: the consumer is gone
+            self.cancel(req.id)
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:

@@ -124,3 +124,16 @@ def drop_torn_tail(path: str | Path) -> bool:
         f.flush()
         os.fsync(f.fileno())
     return True
+
+
+def prepare_append(path: str | Path, what: str = "output") -> bool:
+    """Get an appended output ready: create it (and its folder) if need be, checking that it can be written (one
+    LmforgeError naming the file if not), and drop a torn last line. Returns True if it dropped one."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise LmforgeError(f"{path}: cannot write the {what} ({e.strerror})") from None
+    return drop_torn_tail(path)

@@ -280,7 +280,7 @@ class LoopRelay:
     since the loop's last turn instead of one per token (32 running requests would otherwise cost 32 wake-ups
     of the loop, each a system call and a contended GIL hand-over, per decode step)."""
 
-    _of_loop: ClassVar[weakref.WeakKeyDictionary][asyncio.AbstractEventLoop, LoopRelay] = weakref.WeakKeyDictionary()
+    _of_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopRelay]] = weakref.WeakKeyDictionary()
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.calls, self.scheduled = loop, deque(), False

@@ -1,12 +1,12 @@
 """The OpenAI-compatible judge against a real local HTTP server: ranking, scoring, retries and failures."""
 
-import socket
 
 import pytest
 
 from lmforge.errors import LmforgeError
 from lmforge.judges import JudgeConfig, make_judge
 from lmforge.judges.openai import OpenAIJudge, judge_prompt, parse_ranking, parse_score
+from tests import http_server
 from tests.judge_server import JudgeServer
 
 
@@ -64,9 +64,7 @@ def test_ranking_fails_after_one_retry_naming_the_prompt(mode, reason):
 
 
 def test_an_unreachable_endpoint_fails_naming_the_url():
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = http_server.free_port()  # nothing listens on it
     long_prompt = "Please name " + "a very tasty fruit " * 5
     with pytest.raises(LmforgeError, match=rf"on prompt '{long_prompt[:57]}\.\.\.': cannot reach "
                                            rf"http://127.0.0.1:{port}/v1/chat/completions"):

@@ -12,6 +12,7 @@ from lmforge.errors import LmforgeError
 from lmforge.judges import JudgeConfig
 from lmforge.stages.evaluate import EvalConfig, evaluate_policies, response_logprobs, reward_hacking_flag, significant_drop
 from lmforge.model import Transformer
+from tests import http_server
 from tests.conftest import tiny_config
 
 
@@ -231,14 +232,11 @@ def test_position_bias_cancels_and_garbage_votes_are_not_wins(policies, prompts_
 
 
 def test_human_votes_on_the_ab_page_become_win_rates(policies, prompts_file, tmp_path):
-    import socket
     import threading
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = http_server.free_port()
     subset = {"sft": policies["sft"], "other": policies["other"]}
     done = {}
     worker = threading.Thread(target=lambda: done.update(res=_eval(

@@ -3,14 +3,13 @@ format, near-duplicates dropped by ROUGE-L (checked by hand), malformed and filt
 after an interruption (and a torn last line); and a local checkpoint as the generator."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from lmforge.cli import main
 from lmforge.stages.selfinstruct import (GeneratorConfig, SelfInstructConfig, WordTokenizer, filter_reason,
                                          parse_task, rouge_l, self_instruct)
+from tests.judge_server import JudgeServer
 
 SEEDS = [{"Instruction": "Write the word in uppercase", "Input": "cat", "Output": "CAT"},
          {"Instruction": "请帮我翻译一句话", "Input": "hello", "Output": "你好"}]
@@ -24,41 +23,21 @@ REPLIES = ["Instruction: Translate the word into Chinese\nInput: cat\nOutput: �
            "Instruction: 请说出一种水果的名字\nInput: <none>\nOutput: 苹果"]
 
 
-class ScriptedServer:
-    """/v1/chat/completions answering REPLIES in order (None: a JSON body that is not a chat completion)."""
+class ScriptedServer(JudgeServer):
+    """/v1/chat/completions answering `replies` in order (None: a JSON body that is not a chat completion)."""
 
     def __init__(self, replies):
-        self.replies, self.prompts, self.lock = list(replies), [], threading.Lock()
-        server = self
+        super().__init__()
+        self.replies = list(replies)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+    def reply(self, body: dict) -> dict:
+        with self.lock:
+            reply = self.replies.pop(0) if self.replies else "Nothing more."
+        return {"oops": True} if reply is None else {"choices": [{"message": {"role": "assistant", "content": reply}}]}
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.prompts.append(body["messages"][-1]["content"])
-                    reply = server.replies.pop(0) if server.replies else "Nothing more."
-                data = json.dumps({"oops": True} if reply is None else
-                                  {"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    @property
+    def prompts(self) -> list[str]:
+        return [r["body"]["messages"][-1]["content"] for r in self.requests]
 
 
 def _cfg(tmp_path, url, n, **kw):

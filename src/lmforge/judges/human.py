@@ -39,7 +39,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from lmforge.errors import LmforgeError
 from lmforge.preferences import kendall_tau
-from lmforge.records import append_jsonl_durably, drop_torn_tail
+from lmforge.records import append_jsonl_durably, prepare_append
 
 
 @dataclass
@@ -108,13 +108,7 @@ class LabelSession:
         self.labelers, self.lease_seconds, self.mode, self.seed = labelers, lease_seconds, mode, seed
         self._lock = threading.Lock()
         for p in (self.out, self.skips):
-            try:
-                p.parent.mkdir(parents=True, exist_ok=True)
-                with open(p, "a", encoding="utf-8"):
-                    pass
-            except OSError as e:
-                raise LmforgeError(f"{p}: cannot write the labelling output ({e.strerror})") from None
-            if drop_torn_tail(p):
+            if prepare_append(p, "labelling output"):
                 print(f"{p}: removed a last line cut short by a crash (it had not been acknowledged)")
         self.done: dict[str, list[str]] = {it.id: [] for it in items}    # item -> labellers who ranked it
         self.skipped: dict[str, set[str]] = {it.id: set() for it in items}

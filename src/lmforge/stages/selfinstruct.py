@@ -34,7 +34,7 @@ from pathlib import Path
 
 from lmforge.cli import Command, Flag
 from lmforge.errors import ConfigError, LmforgeError, where
-from lmforge.records import append_jsonl_durably, drop_torn_tail, read_records
+from lmforge.records import append_jsonl_durably, prepare_append, read_records
 
 # Self-Instruct's filter words (tasks a language model cannot do from text), and their Chinese counterparts.
 BLOCKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
@@ -266,13 +266,7 @@ def self_instruct(cfg: SelfInstructConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     seeds = read_seed_tasks(cfg.seed_tasks)
     out = Path(cfg.out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a", encoding="utf-8"):
-            pass
-    except OSError as e:
-        raise LmforgeError(f"{out}: cannot write the output ({e.strerror})") from None
-    drop_torn_tail(out)
+    prepare_append(out)
     generated = read_seed_tasks(out) if out.stat().st_size else []
     pool_instructions = [t["Instruction"] for t in seeds + generated]
     counts = {"kept": 0, "resumed": len(generated), "requests": 0, "malformed": 0, "duplicate": 0,
