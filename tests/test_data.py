@@ -1,5 +1,6 @@
 """Token data: prepared shards equal direct tokenization, split rules, dtype choice, readers, input errors."""
 
+import gzip
 import json
 
 import numpy as np
@@ -203,4 +204,125 @@ def test_cli_prepare_and_one_line_error(tok, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"{bad}:1: not valid UTF-8" in err
+    assert _leftovers(tmp_path, "out") == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# How a text file splits into documents (config key 'documents'), and corpora pretrain could not use
+
+SENTENCES = [f"Sentence {i}: the apple is red. 苹果是红色的。" + " word" * (i % 5) for i in range(120)]
+TINY_PRETRAIN = ["device=cpu", "seq_len=16", "batch_size=2", "eval_batches=1", "optim.max_steps=1",
+                 "optim.warmup_steps=0", "model.hidden_size=32", "model.num_hidden_layers=1",
+                 "model.num_attention_heads=2", "model.num_key_value_heads=2", "model.max_position_embeddings=32"]
+
+
+def _prepare(src, tdir, out, *extra):
+    return main(["data", "prepare", "--input", *map(str, src), "--tokenizer", str(tdir), "--out", str(out), *extra])
+
+
+def test_one_sentence_per_line_is_refused_naming_the_file_and_the_fix(tok, tmp_path, capsys):
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")  # no blank line: one blank-line document
+    assert _prepare([src], tok_dir(tok, tmp_path), tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert err == (f"lmforge data: error: {src}: the whole file is 1 document of 120 lines (documents are "
+                   "separated by blank lines, and it has none), so it cannot be split into train and validation "
+                   "data, which `lmforge pretrain` needs; for one document per line set documents=line\n")
+    assert _leftovers(tmp_path, "out") == []  # refused before anything was written
+
+
+def test_documents_line_gives_a_document_per_line_that_pretrain_accepts(tok, tmp_path, capsys):
+    src = tmp_path / "corpus.txt"
+    # blank and whitespace-only lines are not documents, a CRLF line keeps its "\r" as it would as a paragraph
+    src.write_bytes(("\n".join(SENTENCES[:60]) + "\n\n   \n" + "\n".join(SENTENCES[60:]) + "\r\n").encode())
+    want = SENTENCES[:-1] + [SENTENCES[-1] + "\r"]
+    tdir = tok_dir(tok, tmp_path)
+    assert _prepare([src], tdir, tmp_path / "data", "--documents", "line", "--val-fraction", "0.1") == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "prepared" in out
+    m = read_manifest(tmp_path / "data")
+    expected = _expected(want, 0.1)
+    assert m["documents"] == "line"
+    assert m["splits"]["train"]["documents"] == len(expected["train"]) and len(expected["train"]) > 100
+    assert m["splits"]["val"]["documents"] == len(expected["val"]) > 0
+    for split in ("train", "val"):
+        stream = np.concatenate(_read_split(tmp_path / "data", split)).tolist()
+        assert stream == [t for d in expected[split] for t in [tok.special.bos] + tok.encode(d) + [tok.special.eos]]
+    # the same lines as .jsonl records give the same shards
+    para = _write_jsonl(tmp_path / "para.jsonl", want)
+    assert prepare_data([para], tdir, tmp_path / "para", val_fraction=0.1)["fingerprint"] == m["fingerprint"]
+    gz = tmp_path / "corpus.txt.gz"  # and so does the gzipped file
+    gz.write_bytes(gzip.compress(src.read_bytes()))
+    assert prepare_data([gz], tdir, tmp_path / "gz", 0.1, documents="line")["fingerprint"] == m["fingerprint"]
+    assert main(["pretrain", f"data={tmp_path / 'data'}", f"out={tmp_path / 'run'}", *TINY_PRETRAIN]) == 0
+    assert "pretrain clm: 1 steps" in capsys.readouterr().out
+
+
+def test_blank_line_documents_unchanged_and_line_mode_leaves_jsonl_records_whole(tok, tmp_path, capsys):
+    docs = [f"{d}\nsecond line of {i}\nthird" for i, d in enumerate(DOCS)]  # multi-line documents
+    txt = tmp_path / "c.txt"
+    txt.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    jsonl = _write_jsonl(tmp_path / "c.jsonl", docs)
+    tdir = tok_dir(tok, tmp_path)
+    a = prepare_data([txt], tdir, tmp_path / "a", val_fraction=0.2)
+    b = prepare_data([jsonl], tdir, tmp_path / "b", val_fraction=0.2, documents="line")
+    assert a["documents"] == "blank_line" and b["documents"] == "line"
+    for m in (a, b):
+        assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == len(docs)
+    assert a["fingerprint"] == b["fingerprint"]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_file_that_looks_like_one_document_per_line_gets_a_hint(tok, tmp_path, capsys):
+    paragraphs = _write_jsonl(tmp_path / "p.jsonl", DOCS)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(SENTENCES), encoding="utf-8")
+    m = prepare_data([paragraphs, lines], tok_dir(tok, tmp_path), tmp_path / "d", val_fraction=0.1)
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == len(DOCS) + 1
+    assert capsys.readouterr().err == (f"warning: {lines}: the whole file is 1 document of 120 lines (documents are "
+                                       "separated by blank lines, and it has none); for one document per line set "
+                                       "documents=line\n")
+
+
+@pytest.mark.parametrize("name,content,documents", [
+    ("one.txt", "A single sentence.\n", "blank_line"),
+    ("one.txt", "\nA single sentence.\n\n", "line"),
+    ("one.jsonl", '{"text": "two lines\\nin one record"}\n', "line"),
+])
+def test_one_document_is_refused(tok, tmp_path, name, content, documents):
+    src = tmp_path / name
+    src.write_text(content, encoding="utf-8")
+    with pytest.raises(LmforgeError) as e:
+        prepare_data([src], tok_dir(tok, tmp_path), tmp_path / "out", documents=documents)
+    assert str(e.value) == (f"{src}: only 1 document, so it cannot be split into train and validation data, which "
+                            "`lmforge pretrain` needs (val_fraction holds out whole documents); give at least 2")
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_all_documents_held_out_is_refused(tok, tmp_path):
+    assert all(is_val_document(i, 0.9) for i in range(4))
+    src = _write_jsonl(tmp_path / "d.jsonl", DOCS[:4])
+    with pytest.raises(LmforgeError, match=r"^config key 'val_fraction': all 4 documents were held out for "
+                                           r"validation \(val_fraction=0\.9\), leaving none to train on"):
+        prepare_data([src], tok_dir(tok, tmp_path), tmp_path / "out", val_fraction=0.9)
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_no_validation_split_is_told_at_prepare_time_and_pretrain_refuses_it(tok, tmp_path, capsys):
+    src = _write_jsonl(tmp_path / "d.jsonl", DOCS)
+    assert _prepare([src], tok_dir(tok, tmp_path), tmp_path / "data", "--val-fraction", "0") == 0
+    assert capsys.readouterr().err == (f"warning: val_fraction=0: {tmp_path / 'data'} has no validation split, so "
+                                       "`lmforge pretrain` refuses it; prepare it with val_fraction > 0 to pretrain "
+                                       "on it\n")
+    assert main(["pretrain", f"data={tmp_path / 'data'}", f"out={tmp_path / 'run'}", *TINY_PRETRAIN]) == 1
+    assert "has no validation tokens" in capsys.readouterr().err
+
+
+def test_bad_documents_value_is_one_error_naming_the_key(tok, tmp_path, capsys):
+    src = _write_jsonl(tmp_path / "d.jsonl", DOCS)
+    assert _prepare([src], tok_dir(tok, tmp_path), tmp_path / "out", "documents=lines") == 1
+    assert capsys.readouterr().err == ("lmforge data: error: config key 'documents' must be blank_line or "
+                                       "line, got 'lines'\n")
+    with pytest.raises(LmforgeError, match=r"^config key 'documents' must be blank_line or line, got 'lines'$"):
+        prepare_data([src], tok_dir(tok, tmp_path), tmp_path / "out", documents="lines")
     assert _leftovers(tmp_path, "out") == []

@@ -115,3 +115,90 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tok, tmp_path, 
         (disk / "filler").unlink()
     loaded, _, meta = load_model(out)  # the manifest still verifies
     assert meta["step"] == 1
+
+
+@pytest.fixture(scope="module")
+def inputs(tok, corpus_file, tmp_path_factory):
+    """Valid inputs for every command that writes something, so only the output location can be at fault."""
+    import json
+
+    root = tmp_path_factory.mktemp("cmd_inputs")
+    tok.save(root / "tok")
+    save_checkpoint(root / "policy", Transformer(tiny_config(tok.vocab_size)), tok, meta={"stage": "sft"})
+    save_checkpoint(root / "rm", Transformer(tiny_config(tok.vocab_size), head="scalar"), tok,
+                    meta={"stage": "rm", "reward_mean": 0.0, "reward_std": 1.0})
+    assert main(["export", "hf", str(root / "policy"), "--out", str(root / "hf")]) == 0
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"instruction": f"Say {w}."}) + "\n"
+                                                for w in ("hi", "yes", "no", "ok")))
+    (root / "candidates.jsonl").write_text(json.dumps({"input": "Say hi.", "candidates": ["hi", "hello"]}) + "\n")
+    (root / "ranked.jsonl").write_text("".join(json.dumps({"input": f"Say {w}.", "choices": [
+        {"text": w, "rank": 1}, {"text": "no", "rank": 2}]}) + "\n" for w in ("hi", "yes", "ok", "fine", "sure")))
+    return root
+
+
+def _commands(i, corpus, out):
+    """Every command that writes an output, with `out` as its output; whether `out` should be a file or a dir."""
+    policy, rm, prompts, ranked = (str(i / n) for n in ("policy", "rm", "prompts.jsonl", "ranked.jsonl"))
+    judge = ["--judge", "openai", "judge.url=http://127.0.0.1:9/v1", "judge.model=m"]  # never asked
+    return {
+        "tokenizer": ("dir", ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", out]),
+        "data": ("dir", ["data", "prepare", "--input", str(corpus), "--tokenizer", str(i / "tok"), "--out", out]),
+        "world": ("dir", ["world", "--preset", "tiny", "--out", out]),
+        "rm": ("dir", ["rm", "train", "--init", policy, "--data", ranked, "--out", out, "optim.max_steps=2"]),
+        "ppo": ("dir", ["ppo", "--sft-model", policy, "--reward-model", rm, "--prompts", prompts, "--out", out,
+                        "iterations=1", "batch_size=2", "minibatch_size=2", "micro_batch_size=2", "max_new_tokens=8"]),
+        "run": ("dir", ["run", "--preset", "tiny", "--out", out]),
+        "export": ("dir", ["export", "hf", policy, "--out", out]),
+        "import": ("dir", ["import", "hf", str(i / "hf"), "--out", out]),
+        "report": ("dir", ["report", "--run", out]),
+        "sample": ("file", ["sample", "--model", policy, "--prompts", prompts, "--out", out, "k=2",
+                            "max_new_tokens=2"]),
+        "label": ("file", ["label", "rank", "--input", str(i / "candidates.jsonl"), "--out", out, *judge]),
+        "rm score": ("file", ["rm", "score", "--model", rm, "--input", ranked, "--out", out]),
+        "eval": ("file", ["eval", "--policies", f"a={policy}", "--prompts", prompts, "--out", out, *judge]),
+    }
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "data", "world", "rm", "ppo", "run", "export", "import", "report",
+                                  "sample", "label", "rm score", "eval"])
+def test_every_command_refuses_an_unusable_output_in_one_line_before_working(inputs, corpus_file, tmp_path,
+                                                                             capsys, mounts, name):
+    def refused(out, *needles):
+        kind, argv = _commands(inputs, corpus_file, str(out))[name]
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"lmforge {name.split()[0]}: error: ") and len(err.splitlines()) == 1, err
+        assert all(n in err for n in needles), err
+        return kind
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    a_dir = tmp_path / "a-dir"
+    (a_dir / "sub").mkdir(parents=True)
+    kind = _commands(inputs, corpus_file, "x")[name][0]
+    if kind == "dir":  # a file where the output directory should be
+        refused(a_file, str(a_file), "not a directory")
+        assert a_file.read_text() == "keep me"
+    else:  # a directory where the output file should be
+        refused(a_dir, str(a_dir), "is a directory")
+        assert [p.name for p in a_dir.iterdir()] == ["sub"]
+    refused(a_file / "out", str(a_file), "not a directory")  # a file where a parent folder should be
+    if name != "report" and mounts(tmp_path / "ro", 1024, read_only=True):  # report: the run must exist
+        refused(tmp_path / "ro" / "out", "Read-only file system")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a-file", "a-dir"] + (["ro"] if (tmp_path / "ro").exists() else []))
+
+
+def test_import_and_export_never_replace_a_directory_that_is_not_their_checkpoint(inputs, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "sft").mkdir(parents=True)
+    (run / "report.md").write_text("results")
+    assert main(["export", "hf", str(inputs / "policy"), "--out", str(run)]) == 1
+    assert "is not empty and is not a checkpoint" in capsys.readouterr().err
+    assert (run / "sft").is_dir() and (run / "report.md").read_text() == "results"  # a save would drop sft/
+    out = tmp_path / "exported"
+    assert main(["export", "hf", str(inputs / "policy"), "--out", str(out)]) == 0
+    assert main(["export", "hf", str(inputs / "policy"), "--out", str(out)]) == 1
+    assert "already holds a checkpoint; pass overwrite=true" in capsys.readouterr().err
+    assert main(["export", "hf", str(inputs / "policy"), "--out", str(out), "overwrite=true"]) == 0
+    assert main(["import", "hf", str(inputs / "hf"), "--out", str(out)]) == 1
+    assert main(["import", "hf", str(inputs / "hf"), "--out", str(out), "overwrite=true"]) == 0

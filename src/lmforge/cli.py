@@ -261,12 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge {name}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        # Outputs are checked before work starts; what remains is the file system changing under a run (a full
+        # disk, a folder removed or made read-only): one line. Checkpoints are written atomically, so the last
+        # complete one is intact. An OSError without a file or errno is a bug: its traceback is kept.
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (full or e.filename) or e.strerror is None:
             raise
-        # A full disk (or a write refused) in the middle of a run: one line; checkpoints are written atomically,
-        # so the last complete one is intact.
-        print(f"lmforge {name}: error: {e.filename or 'output'}: {e.strerror}; the last complete checkpoint is "
-              "intact", file=sys.stderr)
+        print(f"lmforge {name}: error: {e.filename or 'output'}: {e.strerror}"
+              f"{'; the last complete checkpoint is intact' if full else ''}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"lmforge {name}: interrupted", file=sys.stderr)

@@ -5,6 +5,10 @@ shards of token ids (uint16 when the vocabulary fits, else uint32) that np.memma
 Each document is stored as [BOS] ids [EOS], so a model sees where documents start and end. The corpus is
 streamed in chunks of documents, so it may be larger than RAM. The train/val split is per document and a pure
 function of the document's index (a hash), so re-running prepare gives byte-identical output.
+
+A text file's documents are separated by blank lines (`documents="blank_line"`), or are its lines
+(`documents="line"`, for one sentence or record per line). `lmforge pretrain` needs both splits, so prepare
+refuses a corpus too small to give them (one document) rather than write a directory pretrain would refuse.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,11 +26,16 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.rundir import check_output_dir
 from lmforge.tokenizer import Tokenizer, iter_documents
 
 MANIFEST = "manifest.json"
 FORMAT = "lmforge-tokens-v1"
 SPLITS = ("train", "val")
+DOCUMENT_MODES = ("blank_line", "line")  # how a text file splits into documents (config key 'documents')
+# A text file that comes out as one blank-line document this many lines long most likely holds one document
+# per line: prepare says so (a few long paragraphs without blank lines stay below it).
+LONG_DOCUMENT_LINES = 100
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -101,8 +111,7 @@ class _ShardWriter:
 
 
 def _check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise LmforgeError(f"{out}: exists and is not a directory")
+    check_output_dir(out)
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise LmforgeError(f"config key 'out': {out} exists and is not a prepared data directory; choose another")
 
@@ -126,6 +135,39 @@ def _file_sha(paths: list[Path]) -> str:
     return sha.hexdigest()
 
 
+def _is_text(path: Path) -> bool:
+    """Whether `iter_documents` reads `path` as text (not JSON lines, whose records are one document each)."""
+    return not path.name.removesuffix(".gz").endswith((".jsonl", ".json"))
+
+
+def _iter_corpus(inputs: list[str | Path], documents: str, one_paragraph: dict[Path, int]) -> Iterator[str]:
+    """The documents of `inputs` (see `iter_documents`); with documents="line" each non-blank line of a text file
+    is a document. Records in `one_paragraph` each text file that came out as one blank-line document, with its
+    number of lines (for the messages that suggest documents=line)."""
+    for p in inputs:
+        path = Path(p)
+        by_line = documents == "line" and _is_text(path)
+        n, first = 0, ""
+        for text in iter_documents([path]):
+            # A blank-line document is its non-blank lines joined by "\n", so splitting it gives them back.
+            pieces = text.split("\n") if by_line else [text]
+            first = text if n == 0 else first
+            n += len(pieces)
+            yield from pieces
+        if n == 1 and _is_text(path) and not by_line:
+            one_paragraph[path] = first.count("\n") + 1
+
+
+def _one_document_error(path: Path, lines: int) -> LmforgeError:
+    """One document cannot be split into train and val (val_fraction holds out whole documents)."""
+    if lines > 1:
+        return LmforgeError(f"{path}: the whole file is 1 document of {lines:,} lines (documents are separated by "
+                            "blank lines, and it has none), so it cannot be split into train and validation data, "
+                            "which `lmforge pretrain` needs; for one document per line set documents=line")
+    return LmforgeError(f"{path}: only 1 document, so it cannot be split into train and validation data, which "
+                        "`lmforge pretrain` needs (val_fraction holds out whole documents); give at least 2")
+
+
 def _encode_chunk(tok: Tokenizer, texts: list[str], first_index: int,
                   val_fraction: float) -> dict[str, tuple[list[np.ndarray], list[int]]]:
     """Per split: the chunk's documents as [BOS] ids [EOS] arrays, and their UTF-8 byte counts."""
@@ -141,10 +183,12 @@ def _encode_chunk(tok: Tokenizer, texts: list[str], first_index: int,
 
 def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: str | Path,
                  val_fraction: float = 0.005, chunk_docs: int = 1024, shard_tokens: int = 100_000_000,
-                 verbose: bool = False) -> dict:
+                 verbose: bool = False, documents: str = "blank_line") -> dict:
     """Tokenize `inputs` (.txt / .jsonl / .gz, see `iter_documents`) into token shards under `out_dir`.
 
-    Returns the manifest. Written atomically: on any error no output directory is left behind.
+    `documents`: "blank_line" (a text file's documents are separated by blank lines) or "line" (each non-blank
+    line is a document). Returns the manifest. Written atomically: on any error no output directory is left
+    behind. Warnings (a directory pretrain cannot use, a file that looks like one document per line) go to stderr.
     """
     if not inputs:
         raise LmforgeError("config key 'input': no corpus files given")
@@ -152,6 +196,8 @@ def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
         raise LmforgeError(f"config key 'val_fraction' must be in [0, 1), got {val_fraction}")
     if chunk_docs <= 0 or shard_tokens <= 0:
         raise LmforgeError("config key 'shard_tokens' must be positive (and chunk_docs)")
+    if documents not in DOCUMENT_MODES:
+        raise LmforgeError(f"config key 'documents' must be blank_line or line, got {documents!r}")
     for p in inputs:  # fail fast on a missing file, before tokenizing the others
         if not Path(p).is_file():
             raise LmforgeError(f"{p}: input file not found")
@@ -174,8 +220,9 @@ def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
             return n_docs + len(texts)
 
         chunk: list[str] = []
+        one_paragraph: dict[Path, int] = {}
         t_print = t0
-        for text in iter_documents(inputs):
+        for text in _iter_corpus(inputs, documents, one_paragraph):
             chunk.append(text)
             if len(chunk) == chunk_docs:
                 n_docs = flush(chunk)
@@ -184,11 +231,17 @@ def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
                     t_print = time.perf_counter()
                     done = writers["train"].tokens + writers["val"].tokens
                     print(f"{n_docs:,} documents, {done:,} tokens, {done / (t_print - t0):,.0f} tokens/s", flush=True)
+        if val_fraction > 0 and n_docs + len(chunk) < 2:  # one file of one document (an empty file is an error)
+            path = Path(inputs[0])
+            raise _one_document_error(path, one_paragraph.get(path, 1))
         n_docs = flush(chunk)
         # A tiny corpus may hash no document into val; give val the last document so evaluation has data.
         if val_fraction > 0 and writers["val"].documents == 0 and writers["train"].documents >= 2:
             doc, n_bytes = writers["train"].pop_last()
             writers["val"].append([doc], [n_bytes])
+        if val_fraction > 0 and writers["train"].documents == 0:
+            raise LmforgeError(f"config key 'val_fraction': all {n_docs} documents were held out for validation "
+                               f"(val_fraction={val_fraction}), leaving none to train on; lower it or add documents")
         for w in writers.values():
             w.close()
         splits = {s: w.summary() for s, w in writers.items()}
@@ -201,6 +254,7 @@ def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
             "eos_id": tok.special.eos,
             "tokenizer_fingerprint": tok.fingerprint(),
             "val_fraction": val_fraction,
+            "documents": documents,
             "inputs": [str(p) for p in inputs],
             "splits": splits,
             "fingerprint": _file_sha(shard_paths)[:16],
@@ -213,6 +267,14 @@ def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
             w.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    warnings = [f"{path}: the whole file is 1 document of {lines:,} lines (documents are separated by blank lines, "
+                "and it has none); for one document per line set documents=line"
+                for path, lines in one_paragraph.items() if lines >= LONG_DOCUMENT_LINES]
+    if val_fraction == 0:
+        warnings.append(f"val_fraction=0: {out} has no validation split, so `lmforge pretrain` refuses it; "
+                        "prepare it with val_fraction > 0 to pretrain on it")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     seconds = time.perf_counter() - t0
     n_tokens = sum(splits[s]["tokens"] for s in SPLITS)
     n_bytes = sum(splits[s]["bytes"] for s in SPLITS)

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from lmforge.checkpoint import load_model, resolve_checkpoint, save_checkpoint
 from lmforge.cli import Command, Flag
 from lmforge.errors import LmforgeError
+from lmforge.rundir import check_new_checkpoint_dir
 
 GGUF_ARCHITECTURES = ("llama", "qwen2", "mistral")
 
@@ -172,6 +173,7 @@ class ImportConfig:
     """Import a model into an lmforge checkpoint directory."""
     path: str = ""            # a transformers folder (import hf) or a .gguf file (import gguf)
     out: str = ""             # the checkpoint directory to write
+    overwrite: bool = False   # replace a checkpoint already in `out`
 
 
 @dataclass
@@ -180,6 +182,7 @@ class ExportConfig:
     checkpoint: str = ""      # an lmforge checkpoint directory (policy or reward model)
     out: str = ""             # the folder to write
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    overwrite: bool = False   # replace a checkpoint already in `out`
 
 
 def _need(cfg, *keys: str) -> None:
@@ -192,6 +195,7 @@ def _importer(convert):
     """The run function of `lmforge import hf|gguf`: convert(path, out) -> summary, printed in one line."""
     def run(cfg: ImportConfig) -> None:
         _need(cfg, "path", "out")
+        check_new_checkpoint_dir(cfg.out, cfg.overwrite)
         s = convert(cfg.path, cfg.out)
         print(f"import: {s['params'] / 1e6:.1f}M parameters ({s['layers']} layers x {s['hidden_size']}), "
               f"vocabulary {s['vocab_size']} -> {s['out']}")
@@ -200,6 +204,7 @@ def _importer(convert):
 
 def _run_export(cfg: ExportConfig) -> None:
     _need(cfg, "checkpoint", "out")
+    check_new_checkpoint_dir(cfg.out, cfg.overwrite)
     s = export_hf(cfg.checkpoint, cfg.out, cfg.dtype)
     cls = "AutoModelForSequenceClassification" if s["head"] == "scalar" else "AutoModelForCausalLM"
     print(f"export: {s['out']} ({s['dtype']}) loads with transformers' {cls}.from_pretrained and AutoTokenizer")

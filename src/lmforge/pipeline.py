@@ -28,6 +28,7 @@ from typing import Any, Literal
 from lmforge.cli import Command, Flag, key_help
 from lmforge.config import _build, _merge, load_config, read_yaml, to_dict
 from lmforge.errors import LmforgeError
+from lmforge.rundir import check_output_dir
 from lmforge.stage import POLICIES, Stage, StageContext
 from lmforge.stages import (
     data,
@@ -283,6 +284,7 @@ class Pipeline:
     # ------------------------------------------------------------------ running
     def run(self) -> dict:
         plan = self.plan()
+        check_output_dir(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         fps: dict[str, str] = {}
         forced = False

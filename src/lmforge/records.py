@@ -86,15 +86,17 @@ def read_records(path: str | Path, tolerant: bool = False) -> Iterator[tuple[int
 def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
     """Write JSONL to a temporary sibling, then os.replace it into place: readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a directory in the way: one line, and the previous file (if any) intact
+        raise LmforgeError(f"{path}: could not write ({e.strerror or e}); nothing was written") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -63,10 +63,8 @@ class RunDir:
         for key, d in self.inputs.items():
             if d and out.resolve() == Path(d).resolve():
                 raise LmforgeError(f"config key 'out' must differ from '{key}' (the input would be overwritten)")
-        if out.exists() and not out.is_dir():
-            raise LmforgeError(f"config key 'out': {out} exists and is not a directory")
         if self.is_main:
-            _check_writable(out)
+            check_output_dir(out)
         if not self.resume:
             if out.is_dir() and any(out.iterdir()):
                 if not self.is_run():
@@ -127,16 +125,48 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def _check_writable(out: Path) -> None:
-    """Refuse an output directory that cannot be created or written (permissions, read-only filesystem), before
-    any work: a probe file is created and removed next to where the run will write."""
-    base = out if out.is_dir() else _existing_ancestor(out)
+def check_output_dir(out: str | Path, key: str = "out") -> None:
+    """Refuse, before any work, an output directory that cannot be created or written: a file in its place, a
+    file where one of its parents should be, missing permissions, a read-only filesystem. A probe file is
+    created and removed where the output will go."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"config key '{key}': {out} exists and is not a directory")
+    _check_writable(out if out.is_dir() else _existing_ancestor(out), key)
+
+
+def check_output_file(path: str | Path, key: str = "out") -> None:
+    """Refuse, before any work, an output file that cannot be written: a directory in its place, or a folder
+    that cannot be created or written (see check_output_dir)."""
+    path = Path(path)
+    if path.is_dir():
+        raise LmforgeError(f"config key '{key}': {path} is a directory; give the path of a file")
+    _check_writable(_existing_ancestor(path.parent), key)
+
+
+def check_new_checkpoint_dir(out: str | Path, overwrite: bool, key: str = "out") -> None:
+    """For commands that write one checkpoint (import, export): refuse to replace what is already at `out`
+    unless it is a checkpoint and overwrite is set. A checkpoint save replaces the whole directory, so a
+    run directory given by mistake would lose its sub-directories."""
+    out = Path(out)
+    check_output_dir(out, key)
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "config.json").is_file():
+            raise LmforgeError(f"config key '{key}': {out} is not empty and is not a checkpoint; choose another")
+        if not overwrite:
+            raise LmforgeError(f"config key '{key}': {out} already holds a checkpoint; pass overwrite=true to "
+                               "replace it")
+
+
+def _check_writable(base: Path, key: str = "out") -> None:
+    if not base.is_dir():  # a file where a folder of the path should be
+        raise LmforgeError(f"config key '{key}': cannot write in {base} (not a directory)")
     probe = base / f".lmforge-write-probe-{os.getpid()}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise LmforgeError(f"config key 'out': cannot write in {base} ({e.strerror})") from None
+        raise LmforgeError(f"config key '{key}': cannot write in {base} ({e.strerror})") from None
 
 
 def _dir_bytes(path: Path) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmforge.cli import Command, Flag
-from lmforge.data import prepare_data
+from lmforge.data import DOCUMENT_MODES, prepare_data
 from lmforge.errors import ConfigError
 from lmforge.stage import Stage, StageContext
 
@@ -13,7 +13,8 @@ from lmforge.stage import Stage, StageContext
 @dataclass
 class DataConfig:
     """`lmforge data prepare` settings."""
-    input: list[str] = field(default_factory=list)   # .txt (blank-line separated documents), .jsonl {"text"}, .gz
+    input: list[str] = field(default_factory=list)   # .txt (split per `documents`), .jsonl {"text"} per line, .gz
+    documents: str = "blank_line"   # .txt documents: blank_line (separated by blank lines) or line (each non-blank line)
     tokenizer: str = ""             # tokenizer directory (`lmforge tokenizer train`)
     out: str = ""                   # output directory: shards + manifest.json
     val_fraction: float = 0.005     # share of documents held out for validation
@@ -23,6 +24,8 @@ class DataConfig:
         for key in ("input", "tokenizer", "out"):
             if not getattr(self, key):
                 raise ConfigError(key, "is required")
+        if self.documents not in DOCUMENT_MODES:
+            raise ConfigError("documents", f"must be blank_line or line, got {self.documents!r}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         if self.shard_tokens <= 0:
@@ -32,7 +35,7 @@ class DataConfig:
 def run_data(cfg: DataConfig, verbose: bool = False) -> dict:
     """Tokenize cfg.input into shards under cfg.out; returns the manifest."""
     return prepare_data(cfg.input, cfg.tokenizer, cfg.out, cfg.val_fraction, shard_tokens=cfg.shard_tokens,
-                        verbose=verbose)
+                        verbose=verbose, documents=cfg.documents)
 
 
 def _print_summary(cfg: DataConfig) -> None:
@@ -47,9 +50,11 @@ COMMAND = Command(
     "lmforge data prepare", "Tokenize .txt/.jsonl(.gz) files into token shards for pretraining.", DataConfig,
     _print_summary,
     flags=(Flag("--input", "input", "corpus files"), Flag("--tokenizer", "tokenizer", "tokenizer directory"),
-           Flag("--out", "out", "output directory"), Flag("--val-fraction", "val_fraction")),
-    examples=("lmforge data prepare --input runs/lmforge-tiny/world/corpus.txt --tokenizer runs/lmforge-tiny/tokenizer "
-              "--out runs/data",))
+           Flag("--out", "out", "output directory"), Flag("--val-fraction", "val_fraction"),
+           Flag("--documents", "documents", "blank_line or line: how a .txt file splits into documents")),
+    examples=(("lmforge data prepare --input runs/lmforge-tiny/world/corpus.txt --tokenizer runs/lmforge-tiny/tokenizer "
+               "--out runs/data"),
+              "lmforge data prepare --input sentences.txt --tokenizer runs/tok --out runs/data --documents line"))
 
 
 def _wire(ctx: StageContext) -> dict:

@@ -41,6 +41,7 @@ from lmforge.errors import ConfigError, LmforgeError, where
 from lmforge.generation import SamplingParams, generate_batched, response_text
 from lmforge.judges import JudgeConfig, make_judge
 from lmforge.prompts import encode_prompts, read_prompts
+from lmforge.rundir import check_output_file
 from lmforge.scoring import RewardScorer
 from lmforge.stage import POLICIES, Stage, StageContext
 from lmforge.tokenizer import check_same_tokenizer
@@ -167,6 +168,8 @@ def evaluate_policies(cfg: EvalConfig, progress: bool = True) -> dict:
     from lmforge.training import pick_device
 
     t0 = time.perf_counter()
+    if cfg.out:
+        check_output_file(cfg.out)
     human = cfg.judge.name == "human"
     judge = None if human else make_judge(cfg.judge)
     pairwise = human or judge.compares_natively

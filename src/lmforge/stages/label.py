@@ -24,6 +24,7 @@ from lmforge.cli import Command, Flag
 from lmforge.errors import ConfigError, LmforgeError, where
 from lmforge.judges import JudgeConfig, make_judge
 from lmforge.records import read_records, write_jsonl_atomic
+from lmforge.rundir import check_output_file
 from lmforge.stage import Stage, StageContext
 
 
@@ -72,6 +73,7 @@ def label_candidates(cfg: LabelConfig) -> dict:
 
     Returns a summary: prompts, choices, prompts with ties, dropped empty candidates and prompts, seconds.
     """
+    check_output_file(cfg.out)
     if cfg.judge.name == "human":
         return label_by_people(cfg)
     judge = make_judge(cfg.judge)

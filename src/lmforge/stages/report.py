@@ -25,6 +25,7 @@ from matplotlib.figure import (
 
 from lmforge.cli import Command, Flag
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.rundir import check_output_dir
 from lmforge.stage import Stage, StageContext
 from lmforge.training import read_metrics
 
@@ -225,6 +226,7 @@ def write_report(out_dir: str | Path, results: dict, stages: list[str] | None = 
     every sub-directory; stages without metrics are skipped). `results` holds the evaluation table, RM accuracy
     and stage times."""
     out = Path(out_dir)
+    check_output_dir(out, "run")
     out.mkdir(parents=True, exist_ok=True)
     if stages is None:
         stages = sorted(d.name for d in out.iterdir() if d.is_dir())

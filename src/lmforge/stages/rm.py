@@ -41,7 +41,7 @@ from lmforge.cli import Command, Flag
 from lmforge.config import to_dict
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.records import write_jsonl_atomic
-from lmforge.rundir import RunDir
+from lmforge.rundir import RunDir, check_output_file
 from lmforge.stage import Stage, StageContext
 from lmforge.generation import left_pad
 from lmforge.lora import (LoraConfig, apply_lora, check_resume_rank, load_trainable_state_dict, merged_copy,
@@ -412,6 +412,8 @@ class RMScoreConfig:
 
 def score_records(cfg: RMScoreConfig) -> None:
     """Write every record of cfg.input with its rewards (JSONL, atomically, or to stdout); metrics on stderr."""
+    if cfg.out:
+        check_output_file(cfg.out)
     rm = RewardScorer.load(cfg.model, pick_device(cfg.device))
     examples, skipped = load_data(cfg.input, rm.tokenizer, rm.encoder, rm.model.config.max_position_embeddings,
                                   require_labels=False, skip_invalid=cfg.skip_invalid)

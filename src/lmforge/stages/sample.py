@@ -21,6 +21,7 @@ from lmforge.errors import ConfigError
 from lmforge.generation import SamplingParams, generate_batched, response_text
 from lmforge.prompts import encode_prompts, read_prompts
 from lmforge.records import write_jsonl_atomic
+from lmforge.rundir import check_output_file
 from lmforge.stage import Stage, StageContext
 
 
@@ -64,6 +65,7 @@ def sample_candidates(cfg: SampleConfig, progress: bool = True) -> dict:
     from lmforge.training import pick_device
 
     t0 = time.perf_counter()
+    check_output_file(cfg.out)
     prompts = read_prompts(cfg.prompts)
     if cfg.n_prompts:
         prompts = prompts[:cfg.n_prompts]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lmforge.cli import Command, Flag
 from lmforge.errors import ConfigError
+from lmforge.rundir import check_output_dir
 from lmforge.stage import Stage, StageContext
 from lmforge.tokenizer import TOKENIZER_FILE, train_tokenizer
 
@@ -29,6 +30,7 @@ class TokenizerConfig:
 
 def run_tokenizer(cfg: TokenizerConfig) -> dict:
     """Train the tokenizer into cfg.out; returns its vocabulary size and the seconds it took."""
+    check_output_dir(cfg.out)
     t0 = time.perf_counter()
     tok = train_tokenizer(cfg.input, cfg.vocab_size, cfg.out, cfg.min_frequency)
     return {"vocab_size": tok.vocab_size, "seconds": time.perf_counter() - t0}

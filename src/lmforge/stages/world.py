@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from lmforge.cli import Command, Flag
 from lmforge.errors import ConfigError
+from lmforge.rundir import check_output_dir
 from lmforge.stage import Stage, StageContext
 from lmforge.world import DEFAULT_FLAW_RATES, PRESETS, generate_world
 
@@ -36,6 +37,7 @@ class WorldConfig:
 
 def run_world(cfg: WorldConfig) -> dict:
     """Generate the world into cfg.out; returns its manifest."""
+    check_output_dir(cfg.out)
     return generate_world(cfg.out, cfg.preset, seed=cfg.seed, flaw_rates=cfg.flaw_rates or None)
 
 
