@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import os
 import importlib
 import inspect
 import re
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         command.main(rest)
     except LmforgeError as e:
-        print(f"lmforge {name}: error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun every process may say it: name the others
+        print(f"lmforge {name}: error: {f'(rank {rank}) ' if rank else ''}{e}", file=sys.stderr, flush=True)
         return 1
     except OSError as e:
         # Outputs are checked before work starts; what remains is the file system changing under a run (a full

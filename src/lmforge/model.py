@@ -347,9 +347,14 @@ class Transformer(nn.Module):
             cache.length += T
         return self.model.norm(x)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None):
-        """LM logits (B, T, V) for an LM head, else scalar scores (B, T)."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None,
+                head_at: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """LM logits (B, T, V) for an LM head, else scalar scores (B, T). head_at=(rows, cols): the head only at
+        those positions, (N, V) or (N,) (a wide LM head on every position is wasted work when few are needed;
+        through forward, unlike hidden_states, DDP sees the call)."""
         h = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache)
+        if head_at is not None:
+            h = h[head_at]
         if self.head == "scalar":
             return self.score(h).squeeze(-1)
         return self.lm_head(h)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any, Literal
 from lmforge.cli import Command, Flag, key_help
 from lmforge.config import _build, _merge, load_config, read_yaml, to_dict
 from lmforge.errors import LmforgeError
-from lmforge.rundir import check_output_dir
+from lmforge.rundir import RUN_FILE, check_output_dir
 from lmforge.stage import POLICIES, Stage, StageContext
 from lmforge.stages import (
     data,
@@ -107,6 +108,7 @@ class RunConfig:
     preset: Literal["tiny", "default", "smollm2"] = "default"  # src/lmforge/presets/run_<preset>.yaml
     seed: int = 0                       # world, sampling and evaluation seed (training stages have their own)
     device: str = "auto"                # auto: cuda when available
+    nproc: int = 1                      # processes per training stage (torchrun: DDP; GPUs or CPU cores)
     branches: list[str] = field(default_factory=lambda: ["ppo", "dpo", "grpo"])  # policy optimisers after SFT
     sources: Sources = field(default_factory=Sources)
     sections: dict = field(default_factory=dict)   # the stage sections as given (set from top-level keys)
@@ -154,6 +156,8 @@ class Pipeline:
     def plan(self) -> list[Stage]:
         """The stages this run needs, in table order, with their configs wired and validated."""
         names = [s.name for s in self.table]
+        if self.cfg.nproc < 1:
+            raise LmforgeError(f"config key 'nproc' must be >= 1, got {self.cfg.nproc}")
         for key in self.cfg.sections:
             if key not in names:
                 raise LmforgeError(f"unknown config key '{key}' (run keys: {', '.join(f.name for f in fields(RunConfig) if f.name != 'sections')}; stages: {', '.join(names)})")
@@ -298,7 +302,14 @@ class Pipeline:
                 continue
             print(f"[lmforge run] {stage.name} ...", flush=True)
             t0 = time.perf_counter()
-            summary = stage.run(self.ctx, self.sections[stage.name]) or {}
+            spread, note = (split_for_processes(stage, self.sections[stage.name], self.cfg.nproc)
+                            if self.cfg.nproc > 1 and stage.command else (None, None))
+            if note:
+                print(f"[lmforge run] {stage.name}: {note}", flush=True)
+            if spread is not None:
+                summary = run_under_torchrun(stage, spread, self.cfg.nproc, self.out)
+            else:
+                summary = stage.run(self.ctx, self.sections[stage.name]) or {}
             secs = time.perf_counter() - t0
             self.ctx.summaries[stage.name] = summary
             if not stage.always:
@@ -308,6 +319,56 @@ class Pipeline:
                                                                 encoding="utf-8")
             print(f"[lmforge run] {stage.name}: done in {secs:.1f}s", flush=True)
         return self.ctx.summaries
+
+
+# torchrun's launcher, minus the traceback it prints when a worker fails (the worker's own one line says why).
+_LAUNCH = ("import sys\nfrom torch.distributed.run import main\n"
+           "from torch.distributed.elastic.multiprocessing.errors import ChildFailedError\n"
+           "try:\n    main()\nexcept ChildFailedError:\n    sys.exit(1)\n")
+
+
+def split_for_processes(stage: Stage, cfg: Any, nproc: int) -> tuple[Any, str | None]:
+    """The stage's config for `nproc` processes with the same global batch (batch_size x optim.grad_accum): each
+    process runs grad_accum / nproc micro-batches. When nproc does not divide grad_accum but divides batch_size,
+    micro-batches get batch_size / nproc rows and grad_accum x nproc of them make a step; when it divides
+    neither, None: the stage runs in one process. Returns (config, a note for the user or None)."""
+    import dataclasses
+
+    batch, accum = cfg.batch_size, cfg.optim.grad_accum
+    if accum % nproc == 0:
+        return cfg, None
+    if batch % nproc == 0:
+        new = dataclasses.replace(cfg, batch_size=batch // nproc,
+                                  optim=dataclasses.replace(cfg.optim, grad_accum=accum * nproc))
+        return new, (f"batch_size {batch} x grad_accum {accum} runs as {batch // nproc} x {accum * nproc} on "
+                     f"{nproc} processes (the same global batch)")
+    return None, (f"batch_size {batch} x grad_accum {accum} does not split over {nproc} processes; it runs in one "
+                  f"(make {stage.name}.optim.grad_accum or {stage.name}.batch_size a multiple of {nproc})")
+
+
+def run_under_torchrun(stage: Stage, cfg: Any, nproc: int, run_dir: Path) -> dict:
+    """Run a training stage as `torchrun --standalone --nproc_per_node N -m lmforge.cli <command> --config F` (the
+    stage's wired config written to F) and return the summary its run.json records. The pipeline itself stays
+    in this process: only training is spread over processes (DDP, each a share of every step's micro-batches)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f".lmforge-{stage.name}-", dir=run_dir,
+                                     delete=False) as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+    try:
+        argv = [sys.executable, "-c", _LAUNCH, "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "lmforge.cli", *stage.command.split(), "--config", f.name]
+        # Its progress and messages go straight to the terminal; LOGLEVEL quiets the launcher's own logging.
+        code = subprocess.run(argv, env={**os.environ, "LOGLEVEL": "CRITICAL"}).returncode
+    finally:
+        Path(f.name).unlink()
+    if code != 0:
+        raise LmforgeError(f"{stage.name} on {nproc} processes failed (its message is above)")
+    return json.loads((Path(cfg.out) / RUN_FILE).read_text(encoding="utf-8"))["summary"]
 
 
 def run_config(tree: dict) -> RunConfig:
@@ -329,6 +390,8 @@ def with_preset(tree: dict) -> dict:
 
 
 def _run(cfg: RunConfig, from_stage: str | None = None) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LmforgeError("lmforge run starts its own processes: run it without torchrun and pass --nproc N")
     t0 = time.perf_counter()
     pipe = Pipeline(cfg, from_stage=from_stage)
     pipe.run()
@@ -381,6 +444,7 @@ COMMAND = RunCommand(
     "lmforge run", "The whole InstructGPT pipeline on the built-in dataset (or your sources.*), with a report.",
     RunConfig, _run,
     flags=(Flag("--preset", "preset", "tiny (about two minutes) or default"), Flag("--out", "out", "run directory"),
+           Flag("--nproc", "nproc", "processes per training stage (torchrun, DDP): GPUs, or CPU cores"),
            Flag("--branches", "branches", "policy optimisers after SFT: any of ppo, dpo, grpo (--branches ppo grpo)")),
     examples=("lmforge run --preset tiny",
               "lmforge run ppo.iterations=50 seed=1",

@@ -52,3 +52,4 @@ class Stage:
     policy: str = ""                                     # its model output is a policy, evaluated by this name
     branch: bool = False                                 # an alternative optimiser after SFT, chosen by `branches`
     always: bool = False                                 # never skipped as up to date (the report)
+    command: str = ""                                    # its CLI command, when it trains under torchrun

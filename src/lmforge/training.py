@@ -102,8 +102,9 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 class StopRequest:
-    """SIGINT (Ctrl-C) or SIGTERM during training: let the current step finish, save a resumable checkpoint, then
-    stop; a second signal stops at once. Only the main thread can install handlers; elsewhere this does nothing."""
+    """SIGINT (Ctrl-C) or SIGTERM during training (train_loop, the PPO and GRPO loops): let the current step finish,
+    save a resumable checkpoint, then stop; a second signal stops at once. Only the main thread can install
+    handlers; elsewhere this does nothing."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -129,13 +130,19 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         self._restore()
 
-    def requested(self, dist_info: DistInfo, device: torch.device) -> bool:
+    def requested(self, dist_info: DistInfo | None = None, device: torch.device | None = None) -> bool:
         """Whether to stop after this step; under torchrun every rank agrees (one all-reduce per step)."""
-        if dist_info.world_size == 1:
+        if dist_info is None or dist_info.world_size == 1:
             return self.signal is not None
         flag = torch.tensor([float(self.signal is not None)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def announce(self, where: str, out_dir: str | Path) -> None:
+        """Say where the run stopped ("step 120", "iteration 7") and how to continue it, once its checkpoint is
+        saved; the caller then raises KeyboardInterrupt, which the CLI turns into exit status 130."""
+        name = signal.Signals(self.signal).name if self.signal else "signal"
+        print(f"stopped at {where} ({name}): a checkpoint was saved in {out_dir}; continue with --resume", flush=True)
 
 
 def clip_and_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: OptimConfig, step: int) -> tuple[float, float]:
@@ -218,6 +225,26 @@ def init_distributed() -> DistInfo:
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     return info
+
+
+def local_grad_accum(grad_accum: int, world_size: int) -> int:
+    """Micro-batches per process and step. A step is always batch_size x grad_accum (the configured global
+    batch): N processes each run grad_accum / N of its micro-batches."""
+    if grad_accum % world_size:
+        raise LmforgeError(f"config key 'optim.grad_accum' ({grad_accum}) must be a multiple of the number of "
+                           f"processes ({world_size}): a step is batch_size x grad_accum, shared by the processes")
+    return grad_accum // world_size
+
+
+def mean_over_processes(loss: float, n_tokens: int, metrics: dict, device) -> tuple[float, int, dict]:
+    """The step's loss and metrics averaged over processes (each process's numbers are means over equal shares)
+    and its token count summed: one all-reduce."""
+    keys = sorted(metrics)
+    t = torch.tensor([loss, float(n_tokens), *(metrics[k] for k in keys)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    world = dist.get_world_size()
+    vals = t.tolist()
+    return vals[0] / world, int(vals[1]), {k: v / world for k, v in zip(keys, vals[2:])}
 
 
 def measure_cpu_matmul_peak(n: int = 1024, seconds: float = 0.5) -> float:
@@ -322,6 +349,7 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
     if dist_info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
     optimizer = build_optimizer(raw_model, optim_cfg)
+    accum = local_grad_accum(optim_cfg.grad_accum, dist_info.world_size)
     start = 0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -341,31 +369,37 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
             for g in optimizer.param_groups:
                 g["lr"] = lr
             total_loss, n_tokens, metrics_sum = 0.0, 0, {}
-            for micro in range(optim_cfg.grad_accum):
+            for j in range(accum):
+                # Micro-batch `micro` of the step's grad_accum, whichever process runs it: the data of a step
+                # does not depend on the number of processes (resume on another count continues the same run).
+                micro = j * dist_info.world_size + dist_info.rank
                 batch = hooks.micro_batch(step, micro, dist_info)
-                sync = micro == optim_cfg.grad_accum - 1 or dist_info.world_size == 1
+                sync = j == accum - 1 or dist_info.world_size == 1
                 ctx = contextlib.nullcontext() if sync else model.no_sync()
                 with ctx, autocast(device):
                     loss, metrics, ntok = hooks.loss(model, batch)
                 # A non-finite loss still goes through backward: its NaN gradients reach every rank's all-reduce,
                 # so all ranks see a non-finite norm below and skip the same step (no rank waits for another).
-                (loss / optim_cfg.grad_accum).backward()
-                total_loss += loss.item() / optim_cfg.grad_accum
+                # DDP averages gradients over processes, so each divides by its own share: the mean over grad_accum.
+                (loss / accum).backward()
+                total_loss += loss.item() / accum
                 n_tokens += ntok
                 for k, v in metrics.items():
-                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / optim_cfg.grad_accum
+                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / accum
+            if dist_info.world_size > 1:  # log the step's numbers, not this process's share of them
+                total_loss, n_tokens, metrics_sum = mean_over_processes(total_loss, n_tokens, metrics_sum, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf"))
             if guard.check(math.isfinite(total_loss) and bool(torch.isfinite(grad_norm)), step + 1):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
-            tok_s = n_tokens * dist_info.world_size / dt
+            tok_s = n_tokens / dt
             rec = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s, **metrics_sum}
             if guard.skipped:
                 rec["skipped_steps"] = guard.skipped
-            if peak and flops_per_token:
-                rec["mfu"] = flops_per_token * n_tokens / dt / peak
+            if peak and flops_per_token:  # per device: this process's tokens against one device's peak
+                rec["mfu"] = flops_per_token * n_tokens / dist_info.world_size / dt / peak
             done = step + 1
             if hooks.evaluate is not None and eval_every and (done % eval_every == 0 or done == optim_cfg.max_steps):
                 rec.update(hooks.evaluate(raw_model, done))
@@ -382,9 +416,7 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
             if interrupted:
                 bar.close()
                 if dist_info.is_main:
-                    name = signal.Signals(stop.signal).name if stop.signal else "signal"
-                    print(f"stopped at step {done} ({name}): a checkpoint was saved in {out_dir}; continue with "
-                          "--resume", flush=True)
+                    stop.announce(f"step {done}", out_dir)
                 raise KeyboardInterrupt
             t_last = time.perf_counter()  # time the next step alone, not this step's eval and save
     bar.close()

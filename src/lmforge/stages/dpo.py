@@ -38,7 +38,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +64,7 @@ from lmforge.training import (
     MetricsLogger,
     OptimConfig,
     autocast,
+    init_distributed,
     pick_device,
     seed_everything,
     step_generator,
@@ -178,9 +178,9 @@ def collate(seqs: list[tuple[list[int], int]], pad_id: int, device=None) -> dict
 def token_logprobs(model: Transformer, batch: dict) -> torch.Tensor:
     """fp32 log-prob of every response token (flat, in the order of batch["rows"]): one forward pass for the whole
     batch, the LM head only at the positions that predict a response token (position t - 1 predicts token t)."""
-    h = model.hidden_states(batch["ids"], attention_mask=batch["mask"])
     rows, cols = batch["rows"], batch["cols"]
-    return logprobs_from_logits(model.lm_head(h[rows, cols - 1]), batch["ids"][rows, cols])
+    logits = model(batch["ids"], attention_mask=batch["mask"], head_at=(rows, cols - 1))
+    return logprobs_from_logits(logits, batch["ids"][rows, cols])
 
 
 def response_logprobs(model: Transformer, batch: dict) -> torch.Tensor:
@@ -373,18 +373,19 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, progress: bool = True) -> dict
     chosen_drift, rejected_drift: None without held-out pairs), pair counts, steps, seconds and out."""
     t0 = time.perf_counter()
     cfg.validate()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise LmforgeError("lmforge dpo runs in one process (one device); launch it without torchrun")
     data = load_dpo_data(cfg)  # everything that can fail on the user's input, before anything is written
     train, val, tok, pad = data.train, data.val, data.tok, data.tok.special.pad
     fingerprints = {"train": pairs_fingerprint(train), "val": pairs_fingerprint(val)}
     out = Path(cfg.out)
-    rundir = RunDir(out, "dpo", resume, cfg.overwrite, inputs={"init": cfg.init})
+    dist_info = init_distributed()  # under torchrun: DDP, each process a share of every step's micro-batches
+    rundir = RunDir(out, "dpo", resume, cfg.overwrite, inputs={"init": cfg.init}, is_main=dist_info.is_main)
     state = rundir.check()
     if state is not None:
         _check_resume(out, cfg, state, fingerprints)
 
     device = pick_device(cfg.device)
+    if device.type == "cuda" and dist_info.world_size > 1:
+        device = torch.device("cuda", dist_info.local_rank)
     seed_everything(cfg.seed)
     n_units = len(batch_units(train, cfg.group_by_prompt))
     steps = math.ceil(cfg.epochs * n_units / (cfg.batch_size * cfg.optim.grad_accum))
@@ -425,9 +426,10 @@ def run_dpo(cfg: DPOConfig, resume: bool = False, progress: bool = True) -> dict
     hooks = LoopHooks(batches,
                       lambda m, batch: dpo_batch_loss(m, batch, cfg), save, eval_hook)
     with rundir.active(int(state["step"]) if state else 0, checkpoint_bytes=estimate_bytes(model)):
-        logger = MetricsLogger(out)
+        logger = MetricsLogger(out, enabled=dist_info.is_main)
         history = train_loop(model, optim, hooks, out, device, resume_state=state, eval_every=cfg.eval_every,
                              save_every=cfg.save_every, log_every=cfg.log_every, logger=logger, progress=progress,
+                             dist_info=dist_info,
                              flops_per_token=model.flops_per_token(int(mean_len)), desc="dpo", stop_step=cfg.stop_step)
     done = history[-1]["step"] if history else int(state["step"]) if state else 0
     summary = {"train_pairs": len(train), "val_pairs": len(val), "skipped": data.skipped, "steps": steps}
@@ -488,4 +490,4 @@ def _wire(ctx: StageContext) -> dict:
 
 
 STAGE = Stage("dpo", DPOConfig, lambda ctx, cfg: run_dpo(cfg), inputs=("sft_model", "preferences"),
-              outputs={"dpo_model": ""}, wire=_wire, policy="dpo", branch=True)
+              outputs={"dpo_model": ""}, wire=_wire, policy="dpo", branch=True, command="dpo")

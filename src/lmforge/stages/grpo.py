@@ -47,7 +47,7 @@ from lmforge.scoring import RewardScorer, check_reward_model, disable_dropout
 from lmforge.stage import Stage, StageContext
 from lmforge.tokenizer import Tokenizer
 from lmforge.training import (MetricsLogger, NonFiniteGuard, OptimConfig, autocast, build_optimizer, clip_and_step, pick_device,
-                              rng_state, seed_everything, set_rng_state, synced_time)
+                              rng_state, seed_everything, set_rng_state, StopRequest, synced_time)
 
 
 def _grpo_optim() -> OptimConfig:
@@ -386,7 +386,8 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True, rewar
                         trainer.state_dict(iteration))
 
     history = []
-    with rundir.active(start, checkpoint_bytes=estimate_bytes(trainer.policy)):
+    with (rundir.active(start, checkpoint_bytes=estimate_bytes(trainer.policy)),
+          StopRequest() as stop):  # Ctrl-C / SIGTERM: finish the iteration, save, stop (see StopRequest)
         logger = MetricsLogger(out)
         bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo",
                    disable=not progress, dynamic_ncols=True, leave=False)
@@ -403,8 +404,14 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True, rewar
                                        ensure_ascii=False) + "\n")
             bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}",
                             zero_std=f"{stats['zero_std_frac']:.2f}")
-            if (cfg.save_every and (it + 1) % cfg.save_every == 0) or it + 1 == cfg.iterations:
+            final = it + 1 == cfg.iterations
+            interrupted = not final and stop.requested()
+            if (cfg.save_every and (it + 1) % cfg.save_every == 0) or final or interrupted:
                 save(it + 1)
+            if interrupted:
+                bar.close()
+                stop.announce(f"iteration {it + 1}", out)
+                raise KeyboardInterrupt
         bar.close()
     summary = {"out": str(out), "iterations": cfg.iterations, "seconds": time.perf_counter() - t_start}
     if history:

@@ -28,9 +28,11 @@ from typing import Callable, Literal
 import torch
 
 from lmforge.checkpoint import (
+    CONFIG_FILE,
     estimate_bytes,
     load_model,
     read_config,
+    recover_interrupted_save,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -84,6 +86,7 @@ from lmforge.training import (
     rng_state,
     seed_everything,
     set_rng_state,
+    StopRequest,
     synced_time,
 )
 
@@ -482,6 +485,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
                                                               "reward_model": cfg.reward_model})
     state = rundir.check()
     if state is not None:
+        recover_interrupted_save(out / "critic")  # a kill inside the critic's save (see save_critic below)
         meta = read_config(out).get("lmforge", {})
         for key in ("actor_lora", "critic_lora"):
             check_resume_rank(out, meta, key, getattr(cfg, key).rank)
@@ -501,17 +505,23 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
             "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "ema_decay": cfg.ema_decay,
             "actor_lora_rank": cfg.actor_lora.rank, "critic_lora_rank": cfg.critic_lora.rank, "config": to_dict(cfg)}
 
+    def save_critic(iteration: int) -> None:
+        save_checkpoint(out / "critic", plain_model(trainer.critic), tok,
+                        {"stage": "ppo_critic", "iteration": iteration})
+
     def save(iteration: int) -> None:  # plain models: any adapters merged
         policy = trainer.ema if trainer.ema is not None else plain_model(trainer.actor)
         save_checkpoint(out, policy, tok, {**meta, "iteration": iteration, "kl_coef": trainer.kl_ctl.value},
                         trainer.state_dict(iteration))
         # After the policy: its directory swap keeps files, not sub-directories. Resume reads the critic
-        # from training_state.pt, so a crash between the two saves loses nothing.
-        save_checkpoint(out / "critic", plain_model(trainer.critic), tok,
-                        {"stage": "ppo_critic", "iteration": iteration})
+        # from training_state.pt, so a crash between the two saves loses nothing (resume rewrites it).
+        save_critic(iteration)
 
     history = []
-    with rundir.active(start, checkpoint_bytes=estimate_bytes(trainer.actor) + estimate_bytes(trainer.critic)):
+    with (rundir.active(start, checkpoint_bytes=estimate_bytes(trainer.actor) + estimate_bytes(trainer.critic)),
+          StopRequest() as stop):  # Ctrl-C / SIGTERM: finish the iteration, save, stop (see StopRequest)
+        if state is not None and not (out / "critic" / CONFIG_FILE).is_file():
+            save_critic(start)  # killed between the two saves, maybe the last iteration's: no later save comes
         logger = MetricsLogger(out)
         bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo",
                    disable=not progress, dynamic_ncols=True, leave=False)
@@ -526,8 +536,14 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
                                         "response": tok.decode(samples.responses[i]), "ended": samples.ended[i],
                                         "score": float(exp.scores[i])}, ensure_ascii=False) + "\n")
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", beta=f"{stats['beta']:.3g}")
-            if (cfg.save_every and (it + 1) % cfg.save_every == 0) or it + 1 == cfg.iterations:
+            final = it + 1 == cfg.iterations
+            interrupted = not final and stop.requested()
+            if (cfg.save_every and (it + 1) % cfg.save_every == 0) or final or interrupted:
                 save(it + 1)
+            if interrupted:
+                bar.close()
+                stop.announce(f"iteration {it + 1}", out)
+                raise KeyboardInterrupt
         bar.close()
     summary = {"out": str(out), "iterations": cfg.iterations, "seconds": time.perf_counter() - t_start,
                "beta": trainer.kl_ctl.value}

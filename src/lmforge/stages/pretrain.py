@@ -265,7 +265,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = Tru
             "tokenizer_fingerprint": tok.fingerprint(), "params": n_params, "config": to_dict(cfg)}
 
     def micro_batch(step, micro, dist):
-        gen = step_generator(cfg.seed, step, micro, dist.rank)
+        gen = step_generator(cfg.seed, step, micro)
         x, y = train.sample_batch(gen, cfg.batch_size, cfg.seq_len)
         if cfg.objective == "mlm":  # the same generator goes on to draw the mask: a function of the step too
             x, y = mlm_mask(x, special, mask_id, cfg.mlm_probability, gen)
@@ -341,4 +341,4 @@ def _wire(ctx: StageContext) -> dict:
 
 
 STAGE = Stage("pretrain", PretrainConfig, lambda ctx, cfg: run_pretrain(cfg), inputs=("token_data",),
-              outputs={"base_model": ""}, wire=_wire, policy="base")
+              outputs={"base_model": ""}, wire=_wire, policy="base", command="pretrain")

@@ -265,7 +265,7 @@ def _check_resume(out: Path, cfg: RMConfig) -> None:
 
 class RMBatches:
     """Micro-batches of whole prompts (all K responses of each, left-padded): a pure function of
-    (step, micro, rank), each epoch a seeded permutation, so --resume continues exactly."""
+    (step, micro) (micro counts the step's grad_accum micro-batches over all processes), each epoch a seeded permutation, so --resume continues exactly."""
 
     def __init__(self, train: list[Example], batch_size: int, grad_accum: int, pad: int, seed: int, device):
         self.train, self.batch_size, self.grad_accum = train, batch_size, grad_accum
@@ -277,7 +277,7 @@ class RMBatches:
 
     def __call__(self, step: int, micro: int, d) -> tuple:
         n = len(self.train)
-        start = ((step * self.grad_accum + micro) * d.world_size + d.rank) * self.batch_size
+        start = (step * self.grad_accum + micro) * self.batch_size
         exs = [self.train[self.permutation(p // n)[p % n]] for p in range(start, start + self.batch_size)]
         ids, mask = left_pad([s for ex in exs for s in ex.ids], self.pad, self.device)
         labels = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in labels_of(exs).items()}
@@ -300,7 +300,7 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> dict:
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     train, val, pad = data.train, data.val, data.tok.special.pad
-    steps = math.ceil(cfg.epochs * len(train) / (cfg.batch_size * cfg.optim.grad_accum * dist_info.world_size))
+    steps = math.ceil(cfg.epochs * len(train) / (cfg.batch_size * cfg.optim.grad_accum))
     optim = dataclasses.replace(cfg.optim, max_steps=steps)
     # Full fine-tuning resumes from the saved weights. With LoRA the checkpoint is merged, so the frozen base
     # comes from init again and the adapters and score head from the training state.
@@ -471,4 +471,4 @@ def _wire(ctx: StageContext) -> dict:
 
 
 STAGE = Stage("rm", RMConfig, lambda ctx, cfg: run_rm(cfg), inputs=("sft_model", "preferences", "sft_data"),
-              outputs={"reward_model": ""}, wire=_wire)
+              outputs={"reward_model": ""}, wire=_wire, command="rm train")

@@ -232,16 +232,17 @@ class SFTBatches:
     """Deterministic micro-batches over an epoch-shuffled dataset.
 
     A "unit" is one batch row: a record (padding) or a packed row of records. Epoch e lists its units in the
-    order of a permutation seeded by (seed, e); micro-batch (step, micro, rank) takes the units at stream
-    positions ((step * grad_accum + micro) * world_size + rank) * batch_size + [0, batch_size).
+    order of a permutation seeded by (seed, e); micro-batch (step, micro) takes the units at stream positions
+    (step * grad_accum + micro) * batch_size + [0, batch_size) (micro counts the step's grad_accum micro-batches
+    over all processes, so the data does not depend on how many there are).
     capacity = max_seq_len (the packed row length). pad_multiple > 1 rounds the batch width up (at most to
     capacity): on GPUs every new tensor shape costs ~0.1 s of one-off set-up, a few buckets avoid that.
     """
 
     def __init__(self, examples: list[tuple], batch_size: int, pad_id: int, seed: int, grad_accum: int = 1,
-                 world_size: int = 1, pack: bool = False, capacity: int = 0, pad_multiple: int = 1):
+                 pack: bool = False, capacity: int = 0, pad_multiple: int = 1):
         self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
-        self.grad_accum, self.world_size, self.pack, self.capacity = grad_accum, world_size, pack, capacity
+        self.grad_accum, self.pack, self.capacity = grad_accum, pack, capacity
         self.pad_multiple = pad_multiple
         self.lengths = [len(ids) for ids, _ in examples]
         self.n_loss = [sum(t != IGNORE for t in labels) for _, labels in examples]
@@ -265,19 +266,19 @@ class SFTBatches:
         e = bisect.bisect_right(self._epoch_starts, pos) - 1
         return self._units(e)[pos - self._epoch_starts[e]]
 
-    def _unit_positions(self, step: int, micro: int, rank: int) -> range:
-        start = ((step * self.grad_accum + micro) * self.world_size + rank) * self.batch_size
+    def _unit_positions(self, step: int, micro: int) -> range:
+        start = (step * self.grad_accum + micro) * self.batch_size
         return range(start, start + self.batch_size)
 
     def step_loss_tokens(self, step: int) -> int:
-        """Response tokens in the whole optimizer step (every micro-batch of every rank)."""
-        return sum(self.n_loss[i] for m in range(self.grad_accum) for r in range(self.world_size)
-                   for p in self._unit_positions(step, m, r) for i in self.unit(p))
+        """Response tokens in the whole optimizer step (every micro-batch of every process)."""
+        return sum(self.n_loss[i] for m in range(self.grad_accum) for p in self._unit_positions(step, m)
+                   for i in self.unit(p))
 
-    def micro_batch(self, step: int, micro: int = 0, rank: int = 0) -> dict:
-        """The batch dict, with `scale` = grad_accum * world_size / (response tokens of the step): summed token
-        losses times scale, averaged over micro-batches and ranks as the loop and DDP do, is the step's mean."""
-        units = [self.unit(p) for p in self._unit_positions(step, micro, rank)]
+    def micro_batch(self, step: int, micro: int = 0) -> dict:
+        """The batch dict, with `scale` = grad_accum / (response tokens of the step): summed token losses times
+        scale, averaged over the step's micro-batches as the loop and DDP do, is the step's mean."""
+        units = [self.unit(p) for p in self._unit_positions(step, micro)]
         width = max(sum(self.lengths[i] for i in u) for u in units)
         width = -(-width // self.pad_multiple) * self.pad_multiple
         width = min(width, self.capacity) if self.capacity else width
@@ -286,7 +287,7 @@ class SFTBatches:
         else:
             batch = pad_batch([self.examples[u[0]] for u in units], self.pad_id, width)
         if self._scale_cache is None or self._scale_cache[0] != step:
-            self._scale_cache = (step, self.grad_accum * self.world_size / self.step_loss_tokens(step))
+            self._scale_cache = (step, self.grad_accum / self.step_loss_tokens(step))
         batch["scale"] = self._scale_cache[1]
         return batch
 
@@ -434,7 +435,7 @@ def _train(cfg: SFTConfig, model, tok: Tokenizer, data: dict, batches, optim, st
     if state is None:
         before = evaluate(model, 0)
         logger.log(0, before)
-    hooks = LoopHooks(micro_batch=lambda step, micro, d: batches.micro_batch(step, micro, d.rank), loss=sft_loss,
+    hooks = LoopHooks(micro_batch=lambda step, micro, d: batches.micro_batch(step, micro), loss=sft_loss,
                       save=save, evaluate=evaluate)
     history = train_loop(model, optim, hooks, out, device, resume_state=state, eval_every=cfg.eval_every,
                          save_every=cfg.save_every, log_every=cfg.log_every, logger=logger, dist_info=dist_info,
@@ -472,10 +473,10 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict
     if state is not None and not cfg.lora.rank:  # full fine-tuning resumes from the saved weights
         model = load_model(out, head="lm")[0]
     batches = SFTBatches(data["train"], cfg.batch_size, tok.special.pad, cfg.seed, cfg.optim.grad_accum,
-                         dist_info.world_size, cfg.pack, max_len, pad_multiple=64 if device.type == "cuda" else 1)
+                         pack=cfg.pack, capacity=max_len, pad_multiple=64 if device.type == "cuda" else 1)
     optim = cfg.optim
     if cfg.epochs:
-        per_step = cfg.batch_size * optim.grad_accum * dist_info.world_size
+        per_step = cfg.batch_size * optim.grad_accum
         optim = replace(optim, max_steps=math.ceil(cfg.epochs * batches.units_per_epoch(0) / per_step))
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.lora.rank:  # base weights frozen; on resume the adapters come from the training state
@@ -532,4 +533,4 @@ def _wire(ctx: StageContext) -> dict:
 
 
 STAGE = Stage("sft", SFTConfig, lambda ctx, cfg: run_sft(cfg), inputs=("base_model", "sft_data"),
-              outputs={"sft_model": ""}, wire=_wire, policy="sft")
+              outputs={"sft_model": ""}, wire=_wire, policy="sft", command="sft")

@@ -1,0 +1,144 @@
+"""Several processes on PyTorch's own engine (torchrun, DDP over gloo on this CPU): a 2-process run of pretraining,
+SFT, reward-model training and DPO reaches the losses of a 1-process run with the same global batch, and a checkpoint
+resumes on another number of processes.
+
+Why the numbers agree: a step's micro-batches are a function of (step, micro-batch index) whichever process runs
+them (training.train_loop), and DDP's all-reduce averages the gradients the single process accumulates. At 2
+processes they agree bit for bit: each process's gradient is halved (exact in floating point) and a sum of two
+terms does not depend on its order. From 3 processes on, the all-reduce adds in another order than the single
+process does, so the numbers would agree to rounding (~1e-7 relative per step), not bit for bit.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.checkpoint import save_checkpoint
+from lmforge.data import prepare_data
+
+pytestmark = pytest.mark.slow  # each case starts several processes
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tok, corpus_file, tmp_path_factory):
+    from tests.conftest import tiny_sft_policy
+
+    root = tmp_path_factory.mktemp("dist_inputs")
+    tok.save(root / "tok")
+    prepare_data([corpus_file], root / "tok", root / "data", val_fraction=0.2)
+    save_checkpoint(root / "init", tiny_sft_policy(tok), tok, {"stage": "sft"})
+    words = "the quick brown fox jumps over the lazy dog".split()
+    (root / "sft.jsonl").write_text("".join(
+        json.dumps({"instruction": f"say {i}", "output": " ".join(words[i % 5:i % 5 + 1 + i % 4])}) + "\n"
+        for i in range(32)))
+    rng, ranked = random.Random(0), []
+    for i in range(48):  # three responses per prompt: more apples rank higher
+        apples = rng.sample(range(4), 3)
+        ranked.append({"input": f"pick {i}", "choices": [
+            {"text": " ".join(["apple"] * a + ["fox"] * (4 - a)), "rank": sorted(apples, reverse=True).index(a) + 1}
+            for a in apples]})
+    (root / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ranked))
+    return root
+
+
+STAGES = {
+    "pretrain": lambda i: ["pretrain", "--data", i / "data", "model.hidden_size=32", "model.num_hidden_layers=2",
+                           "model.num_attention_heads=4", "model.num_key_value_heads=2",
+                           "model.max_position_embeddings=64", "batch_size=4", "seq_len=32", "optim.max_steps=8",
+                           "optim.warmup_steps=2", "eval_every=4", "eval_batches=2"],
+    "sft": lambda i: ["sft", "--init", i / "init", "--data", i / "sft.jsonl", "optim.max_steps=8",
+                      "optim.warmup_steps=2", "batch_size=2", "eval_every=4"],
+    "rm": lambda i: ["rm", "train", "--init", i / "init", "--data", i / "ranked.jsonl", "epochs=1", "batch_size=4",
+                     "optim.warmup_steps=2"],
+    "dpo": lambda i: ["dpo", "--init", i / "init", "--data", i / "ranked.jsonl", "epochs=1", "batch_size=4",
+                      "optim.warmup_steps=2", "eval_every=3"],
+}
+
+
+def _run(stage, inputs, out, nproc, *extra):
+    argv = [*map(str, STAGES[stage](inputs)), "--out", str(out), "optim.grad_accum=2", "log_every=1",
+            "device=cpu", "seed=3", *extra]
+    launch = [sys.executable, "-m", "lmforge.cli"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lmforge.cli"]
+    done = subprocess.run(launch + argv, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same(a: list[dict], b: list[dict], keys: tuple[str, ...]):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in keys:
+            if k in ra or k in rb:
+                assert rb[k] == ra[k], (ra["step"], k, ra[k], rb[k])
+
+
+@pytest.mark.parametrize("stage, keys", [("pretrain", ("loss", "val_loss")),
+                                         ("sft", ("loss", "val_loss")),
+                                         ("rm", ("loss", "accuracy", "margin", "heldout_accuracy", "mean_margin", "reward_mean")),
+                                         ("dpo", ("loss", "accuracy", "margin", "val_loss", "val_accuracy"))])
+def test_two_processes_reach_the_losses_of_one_with_the_same_global_batch(inputs, tmp_path, stage, keys):
+    one = _run(stage, inputs, tmp_path / "one", 1)
+    two = _run(stage, inputs, tmp_path / "two", 2)
+    _assert_same(one, two, keys)
+    assert len(one) >= 4 and any(keys[-1] in r for r in one)  # the held-out numbers were compared too
+    w1, w2 = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # bit for bit (see the module docstring)
+
+
+def test_a_checkpoint_resumes_on_another_number_of_processes(inputs, tmp_path):
+    whole = _run("pretrain", inputs, tmp_path / "whole", 1)
+    # 2 processes for 4 steps, then 1 process to the end; and 1 then 2
+    for first, second in ((2, 1), (1, 2)):
+        out = tmp_path / f"{first}then{second}"
+        _run("pretrain", inputs, out, first, "stop_step=4")
+        resumed = _run("pretrain", inputs, out, second, "--resume")
+        _assert_same(whole, resumed, ("loss", "val_loss"))
+        w1, w2 = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+        assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_lmforge_run_spreads_its_training_stages_over_processes(tmp_path):
+    """`lmforge run --nproc 2` trains pretrain, SFT, the reward model and DPO under torchrun; with the batch split
+    it reports (batch_size / 2 rows, grad_accum x 2), its policies equal bit for bit those of one process given
+    those settings."""
+    small = ["--preset", "tiny", "--branches", "dpo", "pretrain.optim.max_steps=12", "sft.optim.max_steps=12",
+             "sft.eval_every=0", "rm.epochs=1", "dpo.epochs=1", "sample.n_prompts=24", "eval.max_new_tokens=8"]
+    two = subprocess.run([sys.executable, "-m", "lmforge.cli", "run", *small, "--out", str(tmp_path / "two"),
+                          "--nproc", "2"], env=ENV, capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    notes = [ln for ln in two.stdout.splitlines() if "processes (the same global batch)" in ln]
+    assert [ln.split("]")[1].split(":")[0].strip() for ln in notes] == ["pretrain", "sft", "rm", "dpo"]
+    assert "Traceback" not in two.stderr
+    split = []
+    for stage in ("pretrain", "sft", "rm", "dpo"):
+        cfg = json.loads((tmp_path / "two" / stage / "run.json").read_text())["config"]
+        assert cfg["optim"]["grad_accum"] == 2
+        split += [f"{stage}.batch_size={cfg['batch_size']}", f"{stage}.optim.grad_accum=2"]
+    one = subprocess.run([sys.executable, "-m", "lmforge.cli", "run", *small, *split, "--out", str(tmp_path / "one")],
+                         env=ENV, capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for stage in ("pretrain", "sft", "rm", "dpo"):
+        a = load_file(str(tmp_path / "one" / stage / "model.safetensors"))
+        b = load_file(str(tmp_path / "two" / stage / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+
+
+def test_a_stage_that_fails_under_torchrun_is_one_line(tmp_path, inputs):
+    done = subprocess.run([sys.executable, "-m", "lmforge.cli", "run", "--preset", "tiny", "--nproc", "2",
+                           "--out", str(tmp_path / "run"), "sources.base_model=" + str(inputs / "init"),
+                           "sources.sft=" + str(inputs / "sft.jsonl"), "--branches", "dpo",
+                           "sft.optim.max_steps=1", "sft.batch_size=2", "sft.max_seq_len=4"],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "lmforge run: error: sft on 2 processes failed (its message is above)"
