@@ -179,15 +179,7 @@ def test_ppo_killed_inside_its_last_critic_save_resumes_to_the_same_critic(input
     _assert_same_as(ref, out)
 
 
-# Known bugs, left to the stages' owners (see the test below); strict: a fix turns these into failures to remove.
-DOUBLE_LOG = pytest.mark.xfail(strict=True, reason="--resume from the final checkpoint logs the final evaluation "
-                               "line of metrics.jsonl a second time (run_pretrain / run_sft)")
-NO_STATE = pytest.mark.xfail(strict=True, reason="the reward model's final checkpoint has no training_state.pt, so "
-                             "--resume refuses a run killed after it and before run.json")
-
-
-@pytest.mark.parametrize("stage", [pytest.param("pretrain", marks=DOUBLE_LOG), pytest.param("sft", marks=DOUBLE_LOG),
-                                   pytest.param("rm", marks=NO_STATE), "ppo"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "rm", "ppo"])
 def test_killed_after_its_last_checkpoint_resume_ends_as_the_uninterrupted_run(stage, inputs, reference, tmp_path):
     """A kill after the last checkpoint and the last log line, before run.json (written last, atomically) marks the
     run finished. What it leaves is the finished run without run.json: --resume must finish it as it was, with

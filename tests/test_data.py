@@ -2,6 +2,12 @@
 
 import gzip
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -326,3 +332,130 @@ def test_bad_documents_value_is_one_error_naming_the_key(tok, tmp_path, capsys):
     with pytest.raises(LmforgeError, match=r"^config key 'documents' must be blank_line or line, got 'lines'$"):
         prepare_data([src], tok_dir(tok, tmp_path), tmp_path / "out", documents="lines")
     assert _leftovers(tmp_path, "out") == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worker processes (large corpora): the same bytes as one process, the same errors, nothing left behind
+
+def _world_docs(seed, tokens):
+    import random
+
+    from lmforge.world.corpus import build_corpus
+
+    docs = build_corpus(random.Random(f"corpus-{seed}"), tokens)
+    # some multi-line documents (documents=line splits them), and special-token strings in the text
+    return [d.replace(". ", ".\n", 1) if i % 3 == 0 else d + " <|eos|>" * (i % 5 == 0) for i, d in enumerate(docs)]
+
+
+def _three_inputs(tmp_path):
+    """A .txt, a .jsonl and a .txt.gz file of ~1,000 documents each."""
+    a, b, c = _world_docs(1, 40_000), _world_docs(2, 40_000), _world_docs(3, 40_000)
+    (tmp_path / "a.txt").write_text("\n\n".join(a) + "\n", encoding="utf-8")
+    _write_jsonl(tmp_path / "b.jsonl", b)
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress(("\n\n".join(c) + "\n").encode()))
+    return [tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.txt.gz"], (a, b, c)
+
+
+@pytest.mark.parametrize("documents", ["blank_line", "line"])
+def test_worker_processes_write_the_same_bytes_as_one_process(tok, tmp_path, documents):
+    inputs, (a, b, c) = _three_inputs(tmp_path)
+    if documents == "line":  # .txt documents become their lines; .jsonl records stay whole
+        a, c = [line for d in a for line in d.split("\n")], [line for d in c for line in d.split("\n")]
+    docs = a + b + c
+    tdir = tok_dir(tok, tmp_path)
+    # small chunks and shards: many chunks in flight at once, documents crossing chunk and shard boundaries
+    kw = dict(val_fraction=0.1, chunk_docs=64, shard_tokens=20_000, documents=documents)
+    one = prepare_data(inputs, tdir, tmp_path / "one", processes=0, **kw)
+    two = prepare_data(inputs, tdir, tmp_path / "two", processes=2, **kw)
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert len(one["splits"]["train"]["shards"]) > 5 and one["splits"]["val"]["documents"] > 100
+    for name in names:  # manifest.json included
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    # ... and both hold what tokenizers gives, document by document
+    expected = _expected(docs, 0.1)
+    for split in ("train", "val"):
+        stream = np.concatenate(_read_split(tmp_path / "two", split)).tolist()
+        ids = tok.encode_batch(expected[split])
+        assert stream == [t for d in ids for t in [tok.special.bos] + d + [tok.special.eos]]
+    assert two["splits"]["train"]["documents"] + two["splits"]["val"]["documents"] == len(docs)
+
+
+def test_a_bad_line_in_a_middle_file_is_the_same_error_with_workers(tok, tmp_path):
+    inputs, _ = _three_inputs(tmp_path)
+    bad = tmp_path / "bad.txt"
+    lines = "".join(f"paragraph {i}, the apple is red\n\n" for i in range(600)).encode()
+    bad.write_bytes(lines + b"caf\xe9 au lait\n\nmore\n")
+    tdir = tok_dir(tok, tmp_path)
+    errors = []
+    for processes in (0, 2):
+        with pytest.raises(LmforgeError) as e:
+            prepare_data([inputs[0], bad, inputs[1]], tdir, tmp_path / "out", chunk_docs=16, processes=processes)
+        errors.append(str(e.value))
+        assert _leftovers(tmp_path, "out") == []
+    assert errors[0] == errors[1] == f"{bad}:1201: not valid UTF-8 (invalid continuation byte at byte 3)"
+
+
+def test_a_fast_encoder_that_disagrees_with_tokenizers_is_dropped_with_a_note(tok, capsys):
+    from lmforge.data import _fast_or_none
+    from lmforge.tokenizer import FastEncoder
+
+    fast = tok.fast_encoder()
+    assert _fast_or_none(tok, fast, DOCS) is fast and capsys.readouterr().err == ""
+    ranks = dict(fast.ranks)
+    a, b = sorted({tok.token_bytes(i) for i in tok.encode(DOCS[0])}, key=len)[-2:]
+    ranks[a], ranks[b] = ranks[b], ranks[a]  # two tokens of the first document trade ids
+    assert _fast_or_none(tok, FastEncoder(ranks, fast.specials), DOCS) is None
+    assert capsys.readouterr().err == ("note: tiktoken's token ids differ from tokenizers' on the first documents, so "
+                                       "this corpus is tokenized by tokenizers (slower)\n")
+
+
+def _workers_of(pid):
+    """(pid, CPU seconds) of each multiprocessing child of process `pid` (Linux /proc)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat, cmd = (d / "stat").read_text(), (d / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, ... utime (12th), stime (13th)
+        if fields[1] == str(pid) and b"spawn_main" in cmd:
+            found.append((int(d.name), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")))
+    return found
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # a prepare process with two workers, ~7 s per case
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the worker processes in /proc")
+@pytest.mark.parametrize("stop", ["kill-a-worker", "ctrl-c"])
+def test_a_killed_worker_or_ctrl_c_ends_prepare_with_no_output_and_no_workers_left(tok, tmp_path, stop):
+    one_mb = "\n\n".join(_world_docs(1, 300_000)) + "\n\n"
+    src = tmp_path / "big.txt"
+    src.write_text(one_mb * 30, encoding="utf-8")  # ~30 MB: several seconds of work for two workers
+    code = ("import sys; from lmforge.data import prepare_data; "
+            "prepare_data([sys.argv[1]], sys.argv[2], sys.argv[3], processes=2)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(src), str(tok_dir(tok, tmp_path)), str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _workers_of(proc.pid)) < 2 or min(cpu for _, cpu in workers) < 0.6:  # tokenizing
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+            time.sleep(0.05)
+        if stop == "kill-a-worker":
+            os.kill(workers[0][0], signal.SIGKILL)
+        else:  # what a terminal sends on Ctrl-C: SIGINT to the whole process group
+            os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert ("a tokenizing worker process died" if stop == "kill-a-worker" else "KeyboardInterrupt") in err.decode()
+    assert _leftovers(tmp_path, "out") == []
+    assert not any(_alive(pid) for pid, _ in workers)

@@ -250,6 +250,7 @@ def test_user_files_are_read_before_any_stage_runs(tmp_path, capsys, source, con
     assert not out.exists()  # before the first stage, not ~10 minutes into a default run
 
 
+@pytest.mark.slow  # three kills and four runs of the tiny pipeline: about two minutes
 def test_sigkill_anywhere_in_a_run_then_rerun_gives_the_same_policies(tmp_path):
     """`lmforge run --preset tiny` killed (SIGKILL) once inside a checkpoint save (held there by the
     LMFORGE_TEST_SAVE_DELAY fault hook) and twice at random moments, then rerun: every policy equals the

@@ -6,6 +6,10 @@ Each document is stored as [BOS] ids [EOS], so a model sees where documents star
 streamed in chunks of documents, so it may be larger than RAM. The train/val split is per document and a pure
 function of the document's index (a hash), so re-running prepare gives byte-identical output.
 
+lmforge's own tokenizers encode through tiktoken (`Tokenizer.fast_encoder`: the same ids, several times faster),
+and a large corpus is encoded by one worker process per core while this process reads the files and writes the
+shards, in order; the output is the same bytes either way.
+
 A text file's documents are separated by blank lines (`documents="blank_line"`), or are its lines
 (`documents="line"`, for one sentence or record per line). `lmforge pretrain` needs both splits, so prepare
 refuses a corpus too small to give them (one document) rather than write a directory pretrain would refuse.
@@ -14,20 +18,27 @@ refuses a corpus too small to give them (one document) rather than write a direc
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import multiprocessing
+import os
 import shutil
 import sys
 import time
 import uuid
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from lmforge.errors import LmforgeError
 from lmforge.rundir import check_output_dir
-from lmforge.tokenizer import Tokenizer, iter_documents
+from lmforge.tokenizer import FastEncoder, Tokenizer, _encode_in_worker, _init_worker, encode_documents, iter_documents
 
 MANIFEST = "manifest.json"
 FORMAT = "lmforge-tokens-v1"
@@ -36,6 +47,9 @@ DOCUMENT_MODES = ("blank_line", "line")  # how a text file splits into documents
 # A text file that comes out as one blank-line document this many lines long most likely holds one document
 # per line: prepare says so (a few long paragraphs without blank lines stay below it).
 LONG_DOCUMENT_LINES = 100
+# Smaller inputs are tokenized in this process: starting workers (~0.4 s) would cost more than they save.
+PARALLEL_MIN_BYTES = 8_000_000
+MAX_WORKERS = 8  # beyond this, this process (reading the files, writing the shards) becomes the bottleneck
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -65,20 +79,21 @@ class _ShardWriter:
         self.documents = self.tokens = self.bytes = 0
         self.last_doc: tuple[np.ndarray, int] | None = None  # (tokens, utf-8 bytes) of the last document
 
-    def append(self, docs: list[np.ndarray], n_bytes: list[int]) -> None:
-        if not docs:
+    def append(self, tokens: np.ndarray, lengths: np.ndarray, n_bytes: np.ndarray) -> None:
+        """Append documents: their tokens back to back, and each one's token count and UTF-8 byte count."""
+        if not len(lengths):
             return
         if self.fh is None:
             name = f"{self.split}_{len(self.shards):06d}.bin"
             self.fh = open(self.directory / name, "wb")
             self.shards.append({"file": name, "tokens": 0})
-        data = np.concatenate(docs).astype(self.dtype, copy=False)
+        data = tokens.astype(self.dtype, copy=False)
         self.fh.write(data.tobytes())
         self.shards[-1]["tokens"] += len(data)
-        self.documents += len(docs)
+        self.documents += len(lengths)
         self.tokens += len(data)
-        self.bytes += sum(n_bytes)
-        self.last_doc = (docs[-1], n_bytes[-1])
+        self.bytes += int(n_bytes.sum())
+        self.last_doc = (data[len(data) - int(lengths[-1]):].copy(), int(n_bytes[-1]))
         if self.shards[-1]["tokens"] >= self.shard_tokens:
             self.close()
 
@@ -140,20 +155,25 @@ def _is_text(path: Path) -> bool:
     return not path.name.removesuffix(".gz").endswith((".jsonl", ".json"))
 
 
-def _iter_corpus(inputs: list[str | Path], documents: str, one_paragraph: dict[Path, int]) -> Iterator[str]:
-    """The documents of `inputs` (see `iter_documents`); with documents="line" each non-blank line of a text file
-    is a document. Records in `one_paragraph` each text file that came out as one blank-line document, with its
-    number of lines (for the messages that suggest documents=line)."""
+def _iter_corpus(inputs: list[str | Path], documents: str, one_paragraph: dict[Path, int],
+                 read: list[int] | None = None) -> Iterator[str]:
+    """The documents of `inputs` (see `iter_documents`, which counts the bytes read into `read`); with
+    documents="line" each non-blank line of a text file is a document. Records in `one_paragraph` each text file
+    that came out as one blank-line document, with its number of lines (for the messages that suggest
+    documents=line)."""
     for p in inputs:
         path = Path(p)
         by_line = documents == "line" and _is_text(path)
         n, first = 0, ""
-        for text in iter_documents([path]):
-            # A blank-line document is its non-blank lines joined by "\n", so splitting it gives them back.
-            pieces = text.split("\n") if by_line else [text]
+        for text in iter_documents([path], read):
             first = text if n == 0 else first
-            n += len(pieces)
-            yield from pieces
+            if by_line:  # a blank-line document is its non-blank lines joined by "\n": splitting gives them back
+                pieces = text.split("\n")
+                n += len(pieces)
+                yield from pieces
+            else:
+                n += 1
+                yield text
         if n == 1 and _is_text(path) and not by_line:
             one_paragraph[path] = first.count("\n") + 1
 
@@ -168,27 +188,92 @@ def _one_document_error(path: Path, lines: int) -> LmforgeError:
                         "`lmforge pretrain` needs (val_fraction holds out whole documents); give at least 2")
 
 
-def _encode_chunk(tok: Tokenizer, texts: list[str], first_index: int,
-                  val_fraction: float) -> dict[str, tuple[list[np.ndarray], list[int]]]:
-    """Per split: the chunk's documents as [BOS] ids [EOS] arrays, and their UTF-8 byte counts."""
-    parts: dict[str, tuple[list, list]] = {s: ([], []) for s in SPLITS}
-    for i, (text, ids) in enumerate(zip(texts, tok.encode_batch(texts))):  # encode_batch: parallel Rust threads
-        split = "val" if is_val_document(first_index + i, val_fraction) else "train"
-        bos = [] if tok.special.bos is None else [tok.special.bos]  # Qwen2-style tokenizers have no BOS
-        doc = np.array(bos + ids + [tok.special.eos], dtype=np.int64)
-        parts[split][0].append(doc)
-        parts[split][1].append(len(text.encode("utf-8")))
-    return parts
+def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+    """Consecutive lists of `size` documents (the last one shorter): the unit that is encoded and written."""
+    while chunk := list(itertools.islice(docs, size)):
+        yield chunk
+
+
+# A chunk encoded by `encode_documents`: its documents' [BOS] ids [EOS] back to back, token counts, UTF-8 byte counts.
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _write_chunk(writers: dict[str, _ShardWriter], encoded: Encoded, first_index: int, val_fraction: float) -> None:
+    """Send each document of a chunk to the train or val shards, by its index in the whole corpus."""
+    tokens, lengths, n_bytes = encoded
+    is_val = np.fromiter((is_val_document(first_index + i, val_fraction) for i in range(len(lengths))), bool,
+                         len(lengths))
+    val_tokens = np.repeat(is_val, lengths)
+    writers["train"].append(tokens[~val_tokens], lengths[~is_val], n_bytes[~is_val])
+    writers["val"].append(tokens[val_tokens], lengths[is_val], n_bytes[is_val])
+
+
+def _fast_or_none(tok: Tokenizer, fast: FastEncoder | None, texts: list[str],
+                  max_chars: int = 1_000_000) -> FastEncoder | None:
+    """`fast` if it gives tokenizers' ids on the first documents (up to ~1 MB of text), else None, with a note.
+
+    FastEncoder is proven to agree (see its docstring); this is cheap insurance against the unforeseen."""
+    if fast is None:
+        return None
+    sample, n = [], 0
+    for text in texts:
+        if n >= max_chars:
+            break
+        sample.append(text)
+        n += len(text)
+    if fast.encode_batch(sample) == tok.encode_batch(sample):
+        return fast
+    print("note: tiktoken's token ids differ from tokenizers' on the first documents, so this corpus is tokenized "
+          "by tokenizers (slower)", file=sys.stderr)
+    return None
+
+
+def _worker_count(processes: int | None, inputs: list[str | Path]) -> int:
+    """`processes`, else one per core (at most MAX_WORKERS) for inputs of PARALLEL_MIN_BYTES or more; 0 means
+    tokenizing in this process (small inputs, or one core)."""
+    if processes is not None:
+        return processes
+    cores = min(os.cpu_count() or 1, MAX_WORKERS)
+    size = sum(Path(p).stat().st_size for p in inputs)
+    return cores if cores > 1 and size >= PARALLEL_MIN_BYTES else 0
+
+
+def _start_workers(n: int, fast: FastEncoder, bos: int | None, eos: int, dtype: np.dtype) -> ProcessPoolExecutor:
+    # spawn, not fork: forking a process that has imported torch (threads, OpenMP) can deadlock. The worker
+    # functions live in lmforge.tokenizer, which imports no torch, so a worker starts in ~0.3 s.
+    return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(fast, bos, eos, dtype))
+
+
+def _encode_in_workers(pool: ProcessPoolExecutor, chunks: Iterator[list[str]], in_flight: int) -> Iterator[Encoded]:
+    """The chunks encoded by the workers, in order. At most `in_flight` chunks are out at once, so memory stays
+    bounded however large the corpus is."""
+    pending: deque = deque()
+    try:
+        for texts in chunks:
+            pending.append(pool.submit(_encode_in_worker, texts))
+            if len(pending) >= in_flight:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool:  # a worker was killed (out of memory, a signal): fail, never wait forever
+        raise LmforgeError("a tokenizing worker process died (killed, or out of memory; or, called from a script, "
+                           "prepare_data must run under `if __name__ == \"__main__\":`, which worker processes "
+                           "skip); nothing was written") from None
 
 
 def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: str | Path,
                  val_fraction: float = 0.005, chunk_docs: int = 1024, shard_tokens: int = 100_000_000,
-                 verbose: bool = False, documents: str = "blank_line") -> dict:
+                 verbose: bool = False, documents: str = "blank_line", processes: int | None = None) -> dict:
     """Tokenize `inputs` (.txt / .jsonl / .gz, see `iter_documents`) into token shards under `out_dir`.
 
     `documents`: "blank_line" (a text file's documents are separated by blank lines) or "line" (each non-blank
-    line is a document). Returns the manifest. Written atomically: on any error no output directory is left
-    behind. Warnings (a directory pretrain cannot use, a file that looks like one document per line) go to stderr.
+    line is a document). `processes`: tokenizing worker processes (0: this process; default: one per core for
+    inputs of PARALLEL_MIN_BYTES or more); the output is the same bytes for any number. Only tokenizers with a
+    `fast_encoder` use them; others encode here with the Rust threads of `tokenizers`. `verbose` shows a progress
+    bar over the bytes read. Returns the manifest. Written atomically: on any error (or Ctrl-C) no output
+    directory is left behind. Warnings (a directory pretrain cannot use, a file that looks like one document per
+    line) go to stderr.
     """
     if not inputs:
         raise LmforgeError("config key 'input': no corpus files given")
@@ -198,6 +283,8 @@ def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
         raise LmforgeError("config key 'shard_tokens' must be positive (and chunk_docs)")
     if documents not in DOCUMENT_MODES:
         raise LmforgeError(f"config key 'documents' must be blank_line or line, got {documents!r}")
+    if processes is not None and processes < 0:
+        raise LmforgeError(f"processes must be >= 0, got {processes}")
     for p in inputs:  # fail fast on a missing file, before tokenizing the others
         if not Path(p).is_file():
             raise LmforgeError(f"{p}: input file not found")
@@ -205,40 +292,43 @@ def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
     out = Path(out_dir)
     _check_out_dir(out)
     dtype = token_dtype(tok.vocab_size)
+    bos, eos = tok.special.bos, tok.special.eos  # Qwen2-style tokenizers have no BOS
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     t0 = time.perf_counter()
     writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
+    read = [0]  # bytes read so far (decompressed), for the progress bar; its total is unknown for .gz inputs
+    gz = any(str(p).endswith(".gz") for p in inputs)
+    bar = tqdm(total=None if gz else sum(Path(p).stat().st_size for p in inputs), unit="B", unit_scale=True,
+               desc="tokenizing", disable=not verbose, delay=1.0, mininterval=0.5)
+    pool = None
     try:
-        n_docs = 0
-
-        def flush(texts: list[str]) -> int:
-            for split, (docs, n_bytes) in _encode_chunk(tok, texts, n_docs, val_fraction).items():
-                writers[split].append(docs, n_bytes)
-            return n_docs + len(texts)
-
-        chunk: list[str] = []
         one_paragraph: dict[Path, int] = {}
-        t_print = t0
-        for text in _iter_corpus(inputs, documents, one_paragraph):
-            chunk.append(text)
-            if len(chunk) == chunk_docs:
-                n_docs = flush(chunk)
-                chunk = []
-                if verbose and time.perf_counter() - t_print > 5:
-                    t_print = time.perf_counter()
-                    done = writers["train"].tokens + writers["val"].tokens
-                    print(f"{n_docs:,} documents, {done:,} tokens, {done / (t_print - t0):,.0f} tokens/s", flush=True)
-        if val_fraction > 0 and n_docs + len(chunk) < 2:  # one file of one document (an empty file is an error)
+        chunks = _chunks(_iter_corpus(inputs, documents, one_paragraph, read), chunk_docs)
+        first = next(chunks, [])
+        fast = _fast_or_none(tok, tok.fast_encoder(), first)
+        encoder = fast or tok  # tokenizers' own encode_batch runs Rust threads
+        head = encode_documents(encoder.encode_batch, first, bos, eos, dtype)
+        workers = _worker_count(processes, inputs) if fast is not None else 0
+        if workers:
+            pool = _start_workers(workers, fast, bos, eos, dtype)
+            rest = _encode_in_workers(pool, chunks, in_flight=2 * workers + 2)  # every worker busy, reading ahead
+        else:
+            rest = (encode_documents(encoder.encode_batch, texts, bos, eos, dtype) for texts in chunks)
+        n_docs = 0
+        for chunk in itertools.chain([head], rest):
+            _write_chunk(writers, chunk, n_docs, val_fraction)
+            n_docs += len(chunk[1])
+            bar.update(read[0] - bar.n)
+        if val_fraction > 0 and n_docs < 2:  # one file of one document (an empty file is an error)
             path = Path(inputs[0])
             raise _one_document_error(path, one_paragraph.get(path, 1))
-        n_docs = flush(chunk)
         # A tiny corpus may hash no document into val; give val the last document so evaluation has data.
         if val_fraction > 0 and writers["val"].documents == 0 and writers["train"].documents >= 2:
             doc, n_bytes = writers["train"].pop_last()
-            writers["val"].append([doc], [n_bytes])
+            writers["val"].append(doc, np.array([len(doc)]), np.array([n_bytes]))
         if val_fraction > 0 and writers["train"].documents == 0:
             raise LmforgeError(f"config key 'val_fraction': all {n_docs} documents were held out for validation "
                                f"(val_fraction={val_fraction}), leaving none to train on; lower it or add documents")
@@ -263,6 +353,9 @@ def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         _swap_into_place(tmp, out)
     finally:
+        if pool is not None:  # on an error or Ctrl-C too: drop queued chunks, let running ones end, stop workers
+            pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
         for w in writers.values():
             w.close()
         if tmp.exists():

@@ -36,19 +36,23 @@ LMFORGE_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
                          "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def _lines(path: Path, read: list[int] | None = None) -> Iterator[tuple[int, str]]:
     """(line number, text) pairs, decoding each line strictly so a UTF-8 error names its line."""
     with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
         for lineno, raw in enumerate(f, 1):
+            if read is not None:
+                read[0] += len(raw)
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise LmforgeError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def iter_documents(paths: list[str | Path]) -> Iterator[str]:
+def iter_documents(paths: list[str | Path], read: list[int] | None = None) -> Iterator[str]:
     """Stream documents from .txt (documents separated by blank lines), .jsonl (field `text`)
-    and their .gz forms. Never loads a whole file; errors name the file and line."""
+    and their .gz forms. Never loads a whole file; errors name the file and line.
+
+    `read`: a one-element list to which the (decompressed) bytes of every line read are added, for a progress bar."""
     for p in paths:
         path = Path(p)
         if not path.is_file():
@@ -57,7 +61,7 @@ def iter_documents(paths: list[str | Path]) -> Iterator[str]:
         is_jsonl = name.endswith(".jsonl") or name.endswith(".json")
         n_docs, block = 0, []
         try:
-            for lineno, line in _lines(path):
+            for lineno, line in _lines(path, read):
                 if is_jsonl:
                     if not line.strip():
                         continue
@@ -238,6 +242,13 @@ class Tokenizer:
         """Parallel batch encoding (Rust threads inside `tokenizers`)."""
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
+    def fast_encoder(self) -> "FastEncoder | None":
+        """The same ids as `encode`, from tiktoken's BPE (~4x less CPU, and picklable for worker processes), or
+        None where that is not proven: see `FastEncoder`. lmforge's own tokenizers qualify; imported ones (with a
+        normalizer, another pre-tokenizer or a post-processor, as Qwen2's, Llama 3's, SmolLM2's) are declined."""
+        tables = _fast_encoder_tables(json.loads(self.hf.to_str()), self.hf)
+        return None if tables is None else FastEncoder(*tables)
+
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
@@ -314,3 +325,122 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out_dir: str | Pa
             (tmp / name).replace(Path(out_dir) / name)
         tmp.rmdir()
     return tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fast exact encoding for `lmforge data prepare`
+
+# GPT-2's pre-tokenization regex: how the ByteLevel pre-tokenizer (use_regex=True) of `tokenizers` splits text.
+BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class FastEncoder:
+    """tiktoken's byte-level BPE over a tokenizer's own vocabulary: `Tokenizer.encode`'s ids for ~1/4 of the CPU.
+
+    Both libraries split out added (special) tokens first, then split the rest with the same GPT-2 regex, then
+    merge each piece from its bytes by repeatedly joining the best adjacent pair, the leftmost among equals.
+    They differ in what "best" means: `tokenizers` takes the pair with the lowest merge rule; tiktoken the pair
+    whose joined bytes have the lowest id, accepting any pair that joins into a token (not only by its merge
+    rule), and it takes a piece that is one token whole. `Tokenizer.fast_encoder` builds one only where this
+    changes nothing: ids grow with the merge rules (as the BPE trainer assigns them), so on merge rules the two
+    orders agree; and `tokenizers` encodes every token's own bytes as that one token. Then a piece that is a
+    token comes out whole either way, and a pair x, y that joins into a token t without being t's merge rule
+    never arises: had it arisen in some piece, encoding t alone would make the same merges (at each step it
+    offers a subset of the same pairs) up to [x, y], and stop there, not at [t].
+
+    The two regex engines (Oniguruma in `tokenizers`, Rust's regex in tiktoken) could in principle class a
+    newly assigned Unicode character differently: tests fuzz the equality, and `lmforge data prepare` checks the
+    first documents of every corpus against `tokenizers`.
+    """
+
+    def __init__(self, ranks: dict[bytes, int], specials: dict[str, int]):
+        import tiktoken
+
+        self.ranks, self.specials = ranks, specials
+        self.enc = tiktoken.Encoding("lmforge", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks,
+                                     special_tokens=specials)
+        self.first_chars = sorted({s[0] for s in specials})  # a text without them holds no special token
+
+    def __reduce__(self):  # a worker process rebuilds the encoder from its tables
+        return FastEncoder, (self.ranks, self.specials)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text; special-token strings become those tokens, as in `Tokenizer.encode`."""
+        return self.enc.encode(text, allowed_special="all")
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """One thread: tiktoken's own batch threads share the GIL; `lmforge data prepare` uses processes."""
+        # encode_ordinary gives the same ids for a text without special tokens, ~10% faster (no search for them)
+        may_hold = self.first_chars
+        return [self.enc.encode(t, allowed_special="all") if any(c in t for c in may_hold)
+                else self.enc.encode_ordinary(t) for t in texts]
+
+
+def _fast_encoder_tables(spec: dict, hf) -> tuple[dict[bytes, int], dict[str, int]] | None:
+    """tiktoken's (mergeable ranks, special tokens) for a tokenizer.json `spec`, or None unless the tokenizer is
+    the kind `train_tokenizer` makes, for which FastEncoder's ids provably equal those of `tokenizers` (`hf`)."""
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if (getattr(hf, "encode_special_tokens", False)  # special-token strings encoded as text
+            or spec.get("normalizer") or spec.get("post_processor") or spec.get("truncation") or spec.get("padding")
+            or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or pre.get("use_regex") is not True
+            or model.get("type") != "BPE" or model.get("dropout") or model.get("continuing_subword_prefix")
+            or model.get("end_of_word_suffix") or model.get("byte_fallback") or model.get("ignore_merges")):
+        return None
+    added = spec.get("added_tokens") or []
+    specials = {t["content"]: t["id"] for t in added}
+    if len(specials) != len(added) or any(t["single_word"] or t["lstrip"] or t["rstrip"] or t["normalized"]
+                                          or not t["content"] for t in added):
+        return None
+    # tokenizers matches added tokens leftmost-longest, tiktoken leftmost-first in no set order: the same
+    # unless one token is a prefix of another (then it is a prefix of the next one in sorted order).
+    names = sorted(specials)
+    if any(b.startswith(a) for a, b in zip(names, names[1:])):
+        return None
+    table, vocab, merges = _byte_decoder(), model.get("vocab") or {}, model.get("merges") or []
+    if not all(c in vocab for c in table) or not all(c in table for s in vocab if s not in specials for c in s):
+        return None
+    ranks = {bytes(table[c] for c in s): i for s, i in vocab.items() if s not in specials}
+    special_ids = set(specials.values())
+    if special_ids & set(ranks.values()) or any(vocab.get(s, i) != i for s, i in specials.items()):
+        return None
+    # The merge rules' results: ordinary tokens, with ids that grow with the rule's rank (so distinct).
+    results = [vocab.get("".join(m) if isinstance(m, list) else m.replace(" ", "", 1)) for m in merges]
+    if any(r is None or r in special_ids for r in results) or any(a >= b for a, b in zip(results, results[1:])):
+        return None
+    # Every token's own bytes encode as that one token (tokenizers' own BPE, without pre-tokenization).
+    if any([t.value for t in hf.model.tokenize(s)] != [s] for s in vocab if s not in specials):
+        return None
+    return ranks, specials
+
+
+def encode_documents(encode_batch, texts: list[str], bos: int | None, eos: int, dtype):
+    """Documents as [BOS] ids [EOS] back to back in one numpy array of `dtype` (no BOS where bos is None), with
+    each one's token count and UTF-8 byte count: what `lmforge data prepare` writes, ready from a worker."""
+    import numpy as np
+
+    head = [] if bos is None else [bos]
+    flat, lengths = [], []
+    for ids in encode_batch(texts):
+        flat += head
+        flat += ids
+        flat.append(eos)
+        lengths.append(len(head) + len(ids) + 1)
+    n_bytes = [len(t.encode("utf-8")) for t in texts]
+    return np.array(flat, dtype=dtype), np.array(lengths, dtype=np.int64), np.array(n_bytes, dtype=np.int64)
+
+
+# A tokenizing worker process (`lmforge data prepare`): this module imports no torch, so one starts in ~0.3 s.
+_WORKER: tuple | None = None
+
+
+def _init_worker(encoder: FastEncoder, bos: int | None, eos: int, dtype) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
+    global _WORKER
+    _WORKER = (encoder, bos, eos, dtype)
+
+
+def _encode_in_worker(texts: list[str]):
+    encoder, bos, eos, dtype = _WORKER
+    return encode_documents(encoder.encode_batch, texts, bos, eos, dtype)

@@ -308,6 +308,12 @@ class MetricsLogger:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
 
+def logged(out_dir: str | Path, step: int, metrics: dict) -> bool:
+    """Whether OUT/metrics.jsonl already holds these metrics at `step` (a resumed run that had nothing left to
+    train must not log its final evaluation twice)."""
+    return any(r.get("step") == step and metrics.keys() <= r.keys() for r in read_metrics(out_dir)[-3:])
+
+
 def read_metrics(out_dir: str | Path) -> list[dict]:
     path = Path(out_dir) / "metrics.jsonl"
     if not path.is_file():

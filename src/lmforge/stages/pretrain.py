@@ -37,6 +37,7 @@ from lmforge.training import (
     OptimConfig,
     autocast,
     init_distributed,
+    logged,
     pick_device,
     seed_everything,
     step_generator,
@@ -297,8 +298,9 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = Tru
     final = history[-1] if history and "val_loss" in history[-1] else None
     if final is None:  # no eval at the last step (eval_every = 0, stopped early, or nothing left to do)
         final = evaluate(model, val, cfg, special, mask_id, token_bytes, device)
-        if dist_info.is_main:
-            logger.log(history[-1]["step"] if history else int(resume_state["step"]), final)
+        step = history[-1]["step"] if history else int(resume_state["step"])
+        if dist_info.is_main and not logged(out, step, final):
+            logger.log(step, final)
     speeds = [h["tokens_per_s"] for h in history[1:]] or [h["tokens_per_s"] for h in history]
     summary = {
         "objective": cfg.objective,

@@ -63,6 +63,7 @@ from lmforge.training import (
     MetricsLogger,
     OptimConfig,
     init_distributed,
+    logged,
     pick_device,
     seed_everything,
     step_generator,
@@ -337,13 +338,15 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> dict:
         r, metrics = evaluate(m, val, meta, pad, cfg.eval_batch_size)
         return {"val_loss": batch_loss(r, labels_of(val)).item(), **{f"val_{k}": v for k, v in metrics.items()}}
 
+    final_state = {}
+
     def save(m, state, final):
-        if final:  # the final checkpoint is written below, once the normalisation is known
-            return
         if cfg.lora.rank:  # a plain merged model; the training state keeps what resume trains on
             state = {**state, "trainable": trainable_state_dict(m)}
-            m = merged_copy(m)
-        save_checkpoint(out, m, data.tok, {**meta, "step": state["step"]}, state)
+        if final:  # written below with the normalisation; its state lets --resume finish a run killed before run.json
+            final_state.update(state)
+            return
+        save_checkpoint(out, merged_copy(m) if cfg.lora.rank else m, data.tok, {**meta, "step": state["step"]}, state)
 
     mean_len = sum(len(s) for ex in train for s in ex.ids) / sum(len(ex.ids) for ex in train)
     hooks = LoopHooks(RMBatches(train, cfg.batch_size, optim.grad_accum, pad, cfg.seed, device), loss_fn, save, eval_hook)
@@ -366,7 +369,8 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> dict:
         if cfg.normalize != "none":
             meta["reward_mean"] = ref_raw.mean().item()
             meta["reward_std"] = max(ref_raw.std(unbiased=False).item(), 1e-6) if cfg.normalize == "mean_std" else 1.0
-        save_checkpoint(out, model, data.tok, {**meta, "reference_count": len(data.references)})
+        save_checkpoint(out, model, data.tok, {**meta, "step": steps, "reference_count": len(data.references)},
+                        final_state or state)
     m = evaluate(model, val, meta, pad, cfg.eval_batch_size)[1] if val else {}
     if data.kind == "preference":
         summary = {"heldout_accuracy": m.get("accuracy"), "mean_margin": m.get("mean_margin"), "kendall_tau": m.get("kendall_tau")}
@@ -375,7 +379,8 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> dict:
     summary.update(reward_mean=meta.get("reward_mean", 0.0), reward_std=meta.get("reward_std", 1.0),
                    val_reward_mean=m.get("reward_mean"), val_reward_std=m.get("reward_std"), train_examples=len(train),
                    val_examples=len(val), skipped=data.skipped, steps=steps, seconds=time.perf_counter() - t0)
-    logger.log(steps, summary)
+    if not logged(out, steps, {k: v for k, v in summary.items() if k != "seconds"}):
+        logger.log(steps, summary)
     rundir.finish(summary, to_dict(cfg))
     return summary
 

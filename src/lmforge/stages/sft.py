@@ -61,6 +61,7 @@ from lmforge.training import (
     MetricsLogger,
     OptimConfig,
     init_distributed,
+    logged,
     pick_device,
     seed_everything,
     train_loop,
@@ -492,8 +493,9 @@ def run_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict
     final = history[-1] if history and ("val_loss" in history[-1] or "sample_exact" in history[-1]) else None
     if final is None:  # no eval at the last step (eval_every = 0, stopped early, or nothing left to do)
         final = _evaluate(model, tok, data, cfg, out, dist_info, history[-1]["step"] if history else int(state["step"]))
-        if final:
-            logger.log(history[-1]["step"] if history else int(state["step"]), final)
+        step = history[-1]["step"] if history else int(state["step"])
+        if final and not logged(out, step, final):
+            logger.log(step, final)
     speeds = [h["tokens_per_s"] for h in history[1:]] or [h["tokens_per_s"] for h in history]
     summary = {"val_loss": final.get("val_loss"), "val_ppl": final.get("val_ppl"),
             "val_loss_before": before.get("val_loss"), "sample_exact": final.get("sample_exact"),
