@@ -62,10 +62,14 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int],
-             pad_id: int, generator: torch.Generator | None = None, on_tokens=None) -> Generation:
+             pad_id: int, generator: torch.Generator | None = None, on_tokens=None,
+             uniforms: torch.Tensor | None = None) -> Generation:
     """Sample continuations of `prompts` (token id lists) with a KV cache.
 
-    on_tokens(step, tokens (B,), active (B,) bool) is called after each step (for streaming).
+    on_tokens(step, tokens (B,), active (B,) bool) is called after each step (for streaming). uniforms
+    (B, max_new_tokens) in [0, 1) replace the generator: row i's token t inverts the CDF of its distribution at
+    uniforms[i, t], so a row's draw does not depend on the other rows of the batch (a batch split over
+    processes samples what one process would).
     """
     device = next(model.parameters()).device
     cfg = model.config
@@ -87,7 +91,12 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             scaled = logits / params.temperature
             logp_all = F.log_softmax(scaled, dim=-1)
             probs = F.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            if uniforms is None:
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:
+                cdf = probs.double().cumsum(-1)
+                u = uniforms[:, t].to(device=device, dtype=torch.float64)
+                nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # skips p = 0 tokens
         else:
             logp_all = F.log_softmax(logits, dim=-1)
             nxt = logits.argmax(-1)

@@ -23,7 +23,7 @@ from lmforge.model import Transformer
 from lmforge.prompts import Prompt, encode_prompts, read_prompts
 from lmforge.rl_utils import logprobs_from_logits
 from lmforge.tokenizer import Tokenizer
-from lmforge.training import step_generator, synced_time
+from lmforge.training import DistInfo, step_generator, synced_time
 
 # reward_fn(prompt_texts, response_texts, response_ids) -> one float per response. prompt_texts are the last
 # user turns, response_texts the decoded responses (without the stop token), response_ids the sampled ids.
@@ -75,11 +75,12 @@ class Samples:
 
 
 def sample_responses(actor: Transformer, tok: Tokenizer, prompts: list[Prompt], params: SamplingParams,
-                     generator: torch.Generator | None = None) -> Samples:
-    """Sample one response per prompt (batched, left-padded, KV cache) and lay out the padded batch."""
+                     generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None) -> Samples:
+    """Sample one response per prompt (batched, left-padded, KV cache) and lay out the padded batch (uniforms:
+    one row of random numbers per prompt instead of the generator, see generation.generate)."""
     device = next(actor.parameters()).device
     stops = turn_stop_ids(tok)  # <|end|> only: the layout the reward model was trained on
-    gen = generate(actor, [p.ids for p in prompts], params, stops, tok.special.pad, generator)
+    gen = generate(actor, [p.ids for p in prompts], params, stops, tok.special.pad, generator, uniforms=uniforms)
     prompt_ids, prompt_mask = left_pad([p.ids for p in prompts], tok.special.pad, device)
     B, R = len(prompts), max(len(t) for t in gen.tokens)
     resp = torch.full((B, R), tok.special.pad, dtype=torch.long)
@@ -183,16 +184,25 @@ def minibatch_epochs(n_rows: int, epochs: int, minibatch_size: int, generator: t
 
 
 class RLTrainer:
-    """What the PPO and GRPO trainers share: an iteration is `make_experience(prompts, generator)` (sample and
-    score) then `update(exp, generator)`, both implemented by the subclass, which also sets `device`."""
+    """What the PPO and GRPO trainers share: an iteration is `make_experience(prompts, uniforms=...)` (sample and
+    score) then `update(exp, generator)`, both implemented by the subclass, which also sets `device`,
+    `sampling` and, under torchrun, `dist` (each process then takes a contiguous share of the prompts)."""
 
     device: torch.device
+    sampling: SamplingParams
+    dist: DistInfo = DistInfo()
+    rows_per_prompt: int = 1  # responses sampled per prompt (GRPO: the group size)
 
     def iteration(self, prompts: list[Prompt], seed: int, iteration: int) -> tuple[dict, Samples, Experience]:
-        """One iteration on `prompts`; its randomness is a function of (seed, iteration), so resume is exact."""
-        gen_seed = step_generator(seed, iteration, micro=0).initial_seed()
-        sampler = torch.Generator(device=self.device).manual_seed(gen_seed)
-        exp, samples, stats = self.make_experience(prompts, sampler)
+        """One iteration on `prompts`; its randomness is a function of (seed, iteration), so resume is exact. Each
+        response row gets its own random numbers, drawn for the whole batch: N processes sample what one does."""
+        W, r = self.dist.world_size, self.dist.rank
+        share = len(prompts) // W
+        rows = share * self.rows_per_prompt
+        uniforms = torch.rand(len(prompts) * self.rows_per_prompt, self.sampling.max_new_tokens, dtype=torch.float64,
+                              generator=step_generator(seed, iteration, micro=0))
+        exp, samples, stats = self.make_experience(prompts[r * share:(r + 1) * share],
+                                                   uniforms=uniforms[r * rows:(r + 1) * rows])
         t0 = synced_time(self.device)
         stats.update(self.update(exp, step_generator(seed, iteration, micro=1)))
         stats["time_update"] = synced_time(self.device) - t0

@@ -247,6 +247,38 @@ def mean_over_processes(loss: float, n_tokens: int, metrics: dict, device) -> tu
     return vals[0] / world, int(vals[1]), {k: v / world for k, v in zip(keys, vals[2:])}
 
 
+def gather_rows(tensors: list[torch.Tensor], dist_info: DistInfo) -> list[torch.Tensor]:
+    """Every process's rows of each tensor, in rank order (one process: the tensors themselves). Tensors of
+    shape (rows, width) are zero-padded to the widest first. With each process holding a contiguous slice of a
+    batch, this is the batch one process would hold."""
+    if dist_info.world_size == 1:
+        return tensors
+    out = []
+    for x in tensors:
+        if x.dim() == 2:
+            width = torch.tensor([x.shape[1]], device=x.device)
+            dist.all_reduce(width, op=dist.ReduceOp.MAX)
+            x = torch.nn.functional.pad(x, (0, int(width) - x.shape[1]))
+        parts = [torch.empty_like(x) for _ in range(dist_info.world_size)]
+        dist.all_gather(parts, x.contiguous())
+        out.append(torch.cat(parts))
+    return out
+
+
+def sum_gradients(model: torch.nn.Module) -> None:
+    """All-reduce (sum) the gradients of `model` over processes in one flat buffer. PPO normalises its losses
+    by the token count of the whole (all-process) minibatch, so the sum is the minibatch's gradient."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def measure_cpu_matmul_peak(n: int = 1024, seconds: float = 0.5) -> float:
     """fp32 FLOP/s of an n x n matmul on this CPU, measured now (the CPU MFU denominator)."""
     g = torch.Generator().manual_seed(0)  # a private generator: measuring must not move the training RNG

@@ -152,6 +152,7 @@ class GRPOTrainer(RLTrainer):
         self.update_step = 0
         self.guard = NonFiniteGuard(cfg.optim.max_skipped_steps, "GRPO minibatch updates")
         self.sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature)
+        self.rows_per_prompt = cfg.group_size
 
     # -- rollout and scoring ------------------------------------------------------------------------------
 
@@ -167,14 +168,15 @@ class GRPOTrainer(RLTrainer):
         return total, means
 
     @torch.no_grad()
-    def make_experience(self, prompts: list[Prompt], generator: torch.Generator | None = None):
+    def make_experience(self, prompts: list[Prompt], generator: torch.Generator | None = None,
+                        uniforms: torch.Tensor | None = None):
         """Sample group_size responses per prompt, score them and compute the group-relative advantages:
         (Experience, Samples, stats). Row i answers prompts[i // group_size]."""
         cfg, dev, mb, G = self.cfg, self.device, self.cfg.micro_batch_size, self.cfg.group_size
         batch = [p for p in prompts for _ in range(G)]  # each prompt's group on consecutive rows
         t0 = synced_time(dev)
         with autocast(dev):
-            samples = sample_responses(self.policy, self.tok, batch, self.sampling, generator)
+            samples = sample_responses(self.policy, self.tok, batch, self.sampling, generator, uniforms)
         exp = samples.experience
         t1 = synced_time(dev)
         with autocast(dev):

@@ -15,17 +15,18 @@ scoring layout in rollout.py. One process (one device), so advantage whitening i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
+import torch.distributed as dist
 
 from lmforge.checkpoint import (
     CONFIG_FILE,
@@ -76,17 +77,21 @@ from lmforge.rollout import (
 from lmforge.ptx import PtxConfig, PtxSource
 from lmforge.tokenizer import Tokenizer
 from lmforge.training import (
+    DistInfo,
     MetricsLogger,
     OptimConfig,
     autocast,
     build_optimizer,
     NonFiniteGuard,
     clip_and_step,
+    gather_rows,
+    init_distributed,
     pick_device,
     rng_state,
     seed_everything,
     set_rng_state,
     StopRequest,
+    sum_gradients,
     synced_time,
 )
 
@@ -192,9 +197,11 @@ class PPOTrainer(RLTrainer):
     """Holds the four models, both optimizers and the KL controller; `iteration` = rollout + score + update."""
 
     def __init__(self, cfg: PPOConfig, actor: Transformer, ref: Transformer, critic: Transformer, tok: Tokenizer,
-                 score: Scorer, ptx: PtxSource | None = None, device: torch.device | str = "cpu"):
+                 score: Scorer, ptx: PtxSource | None = None, device: torch.device | str = "cpu",
+                 dist_info: DistInfo | None = None):
         self.cfg, self.tok, self.score, self.ptx = cfg, tok, score, ptx
         self.device = torch.device(device)
+        self.dist = dist_info or DistInfo()  # under torchrun: this process's share of every batch (see RLTrainer)
         for model in (actor, ref, critic):  # the same function at rollout and update time (N details)
             disable_dropout(model)
         actor.gradient_checkpointing = critic.gradient_checkpointing = cfg.gradient_checkpointing
@@ -217,12 +224,17 @@ class PPOTrainer(RLTrainer):
     # -- rollout and scoring ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def make_experience(self, prompts: list[Prompt], generator: torch.Generator | None = None):
-        """Sample, score and compute rewards / advantages for one batch of prompts: (Experience, Samples, stats)."""
+    def make_experience(self, prompts: list[Prompt], generator: torch.Generator | None = None,
+                        uniforms: torch.Tensor | None = None):
+        """Sample, score and compute rewards / advantages for one batch of prompts: (Experience, Samples, stats).
+
+        Under torchrun `prompts` is this process's share: the rewards, advantages and statistics are computed on
+        the whole batch gathered from every process (the same numbers one process computes), then each process
+        keeps its own rows."""
         cfg, dev, mb = self.cfg, self.device, self.cfg.micro_batch_size
         t0 = synced_time(dev)
         with autocast(dev):
-            samples = sample_responses(self.actor, self.tok, prompts, self.sampling, generator)
+            samples = sample_responses(self.actor, self.tok, prompts, self.sampling, generator, uniforms)
         exp = samples.experience
         t1 = synced_time(dev)
         with autocast(dev):
@@ -237,24 +249,31 @@ class PPOTrainer(RLTrainer):
             raw = self.score(prompts, samples).to(dev, torch.float32)
         t5 = synced_time(dev)
 
+        m, B, R = exp.mask, exp.mask.shape[0], exp.mask.shape[1]
+        ended = torch.tensor(samples.ended, device=dev, dtype=torch.float32)
+        # The whole batch (every process's rows, in rank order; one process: as is): whitening, the KL
+        # controller and the logged statistics are over the batch, not over a process's share of it.
+        raw, ended, m, logprobs, ref_logprobs, values = gather_rows(
+            [raw, ended, m, exp.logprobs, exp.ref_logprobs, exp.values], self.dist)
+        ended = ended.bool()
         scores = raw.clone()
         if cfg.score_clip is not None:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-        ended = torch.tensor(samples.ended, device=dev)
         if cfg.no_eos_score is not None:  # judged on the response's own last token, never the prompt's
             scores = torch.where(ended, scores, torch.full_like(scores, cfg.no_eos_score))
         else:
             scores = scores - cfg.no_eos_penalty * (~ended).float()
-        m = exp.mask
-        kl = kl_estimate(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * m
+        kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * m
         beta = self.kl_ctl.value
         rewards = token_rewards(scores, kl, m, beta)
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, m, shift_mean=False)
-        advantages, returns = gae(rewards, exp.values, m, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:  # over all valid tokens of the batch (single process: global = local)
+        advantages, returns = gae(rewards, values, m, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:  # over all valid tokens of the batch
             advantages = masked_whiten(advantages, m)
-        exp.scores, exp.rewards, exp.advantages, exp.returns = scores, rewards, advantages, returns
+        mine = slice(self.dist.rank * B, (self.dist.rank + 1) * B)  # this process's rows and columns
+        exp.scores, exp.rewards = scores[mine], rewards[mine, :R]
+        exp.advantages, exp.returns = advantages[mine, :R], returns[mine, :R]
 
         kl_seq = float(kl.sum(1).mean())
         n_tokens = float(m.sum())
@@ -262,12 +281,12 @@ class PPOTrainer(RLTrainer):
             "score": float(raw.mean()), "score_std": float(raw.std()) if len(raw) > 1 else 0.0,
             "reward": float(rewards.sum(1).mean()), "kl": kl_seq, "non_score_reward": -beta * kl_seq, "beta": beta,
             "response_len": float(m.sum(1).mean()), "eos_frac": float(ended.float().mean()),
-            "explained_var": explained_variance(exp.values, returns, m),
-            "value_mean": float(masked_mean(exp.values, m)),
+            "explained_var": explained_variance(values, returns, m),
+            "value_mean": float(masked_mean(values, m)),
             "time_generate": t1 - t0, "time_policy": t2 - t1, "time_ref": t3 - t2, "time_critic": t4 - t3,
             "time_reward": t5 - t4, "rollout_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
         }
-        self.kl_ctl.update(kl_seq, len(prompts))
+        self.kl_ctl.update(kl_seq, len(raw))
         return exp, samples, stats
 
     # -- update ---------------------------------------------------------------------------------------------
@@ -281,10 +300,14 @@ class PPOTrainer(RLTrainer):
         pretraining batch per micro-batch joins the same backward (InstructGPT; DeepSpeed-Chat instead takes
         a separate optimizer step). Returns token-weighted stats, or None on a non-finite loss.
         """
-        cfg = self.cfg
+        cfg, world = self.cfg, self.dist.world_size
         micro = rows.split(cfg.micro_batch_size)
-        n_tok = exp.mask[rows].sum().clamp(min=1)
+        n_tok = exp.mask[rows].sum()
+        if world > 1:  # the minibatch is every process's rows: weigh tokens by its whole token count
+            dist.all_reduce(n_tok)
+        n_tok = n_tok.clamp(min=1)
         sums: dict[str, torch.Tensor] = {}
+        finite = True
         for i, r in enumerate(micro):
             mb = exp.select(r)
             m = mb.mask
@@ -300,10 +323,11 @@ class PPOTrainer(RLTrainer):
             loss = pg_loss + cfg.vf_coef * vf_loss
             if cfg.entropy_coef:
                 loss = loss - cfg.entropy_coef * ent
-            if ptx is not None:
-                loss = loss + cfg.ptx.coef * ptx / len(micro)
-            if not torch.isfinite(loss):
-                return None
+            if ptx is not None:  # the mean over the micro-batches of every process
+                loss = loss + cfg.ptx.coef * ptx / (len(micro) * world)
+            if not torch.isfinite(loss):  # every process goes on to the same collectives, then all skip the step
+                finite = False
+                continue
             loss.backward()
             with torch.no_grad():  # accumulated on the device: one sync per minibatch, not per statistic
                 r64 = ratio.double()
@@ -312,9 +336,17 @@ class PPOTrainer(RLTrainer):
                          "clipfrac": (clipped * w).sum(), "vf_clipfrac": (vf_clipped * w).sum(),
                          "ratio_mean": (r64 * w).sum(), "ratio_sq": (r64 ** 2 * w).sum()}
                 if ptx is not None:
-                    stats["ptx_loss"] = ptx / len(micro)
+                    stats["ptx_loss"] = ptx / (len(micro) * world)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().double()
+        if world > 1:  # token-weighted sums over the whole minibatch; a non-finite loss anywhere skips it everywhere
+            keys = sorted(sums)
+            flat = torch.stack([*(torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys),
+                                torch.tensor(float(not finite), dtype=torch.float64, device=self.device)])
+            dist.all_reduce(flat)
+            sums, finite = dict(zip(keys, flat[:-1])), bool(flat[-1] == 0)
+        if not finite:
+            return None
         out = {k: float(v) for k, v in sums.items()}
         out["ratio_var"] = out.pop("ratio_sq") - out["ratio_mean"] ** 2
         return out
@@ -328,6 +360,8 @@ class PPOTrainer(RLTrainer):
         out = {}
         for name, model, opt, sched in (("actor", self.actor, self.actor_opt, self.actor_sched),
                                         ("critic", self.critic, self.critic_opt, self.critic_sched)):
+            if self.dist.world_size > 1:
+                sum_gradients(model)  # every process then takes the same step
             out[f"{name}_grad_norm"], out[f"{name}_lr"] = clip_and_step(model, opt, sched, self.update_step)
         self.update_step += 1
         if self.ema is not None:
@@ -341,7 +375,7 @@ class PPOTrainer(RLTrainer):
     def update(self, exp: Experience, generator: torch.Generator) -> dict:
         """ppo_epochs passes over freshly shuffled minibatches, one optimizer step per minibatch."""
         cfg = self.cfg
-        n_micro = cfg.minibatch_size // cfg.micro_batch_size
+        n_micro = cfg.minibatch_size // self.dist.world_size // cfg.micro_batch_size  # per process
         self.actor.train()
         self.critic.train()
 
@@ -357,8 +391,8 @@ class PPOTrainer(RLTrainer):
             finite = math.isfinite(out["actor_grad_norm"]) and math.isfinite(out["critic_grad_norm"])
             return {**stats, **out} if self.guard.check(finite, self.update_step) else None
 
-        return minibatch_epochs(exp.input_ids.shape[0], cfg.ppo_epochs, cfg.minibatch_size, generator, self.device,
-                                step)
+        return minibatch_epochs(exp.input_ids.shape[0], cfg.ppo_epochs, cfg.minibatch_size // self.dist.world_size,
+                                generator, self.device, step)
 
     # -- resume -------------------------------------------------------------------------------------------
 
@@ -440,7 +474,8 @@ def critic_from_reward_model(cfg: PPOConfig) -> bool:
 
 
 def build_trainer(cfg: PPOConfig, tok: Tokenizer, device: torch.device | str = "cpu",
-                  reward_fn: RewardFn | None = None, ptx: PtxSource | None = None) -> PPOTrainer:
+                  reward_fn: RewardFn | None = None, ptx: PtxSource | None = None,
+                  dist_info: DistInfo | None = None) -> PPOTrainer:
     """The four models of `cfg`: actor and reference from the SFT checkpoint, the critic from the reward model
     (or SFT, with a fresh value head), and the reward model, unless `reward_fn` replaces it."""
     device = torch.device(device)
@@ -462,7 +497,7 @@ def build_trainer(cfg: PPOConfig, tok: Tokenizer, device: torch.device | str = "
 
         def score(prompts, samples):  # decoder: at each row's last real token, the response's closing <|end|>
             return rm.score_rollouts(prompts, samples.responses, tok, cfg.micro_batch_size)
-    return PPOTrainer(cfg, actor, ref, critic, tok, score, ptx, device)
+    return PPOTrainer(cfg, actor, ref, critic, tok, score, ptx, device, dist_info)
 
 
 def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_fn: RewardFn | None = None,
@@ -476,13 +511,20 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
 
     t_start = time.perf_counter()
     cfg.validate()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise LmforgeError("lmforge ppo runs in one process (one GPU); launch it without torchrun")
+    dist_info = init_distributed()  # under torchrun each process samples and trains on a share of every batch
+    world = dist_info.world_size
+    for key, n in (("batch_size", cfg.batch_size), ("minibatch_size", cfg.minibatch_size)):
+        if n % world:
+            raise LmforgeError(f"config key '{key}' ({n}) must be a multiple of the number of processes ({world})")
+    if world > 1 and (cfg.minibatch_size // world) % cfg.micro_batch_size:
+        raise LmforgeError(f"config key 'micro_batch_size' ({cfg.micro_batch_size}) must divide each process's "
+                           f"share of minibatch_size ({cfg.minibatch_size} / {world} processes)")
     tok, prompts, ptx = _check_inputs(cfg, reward_fn is not None)
     ptx = ptx_source or ptx
     out = Path(cfg.out)
     rundir = RunDir(out, "ppo", resume, cfg.overwrite, inputs={"sft_model": cfg.sft_model,
-                                                              "reward_model": cfg.reward_model})
+                                                              "reward_model": cfg.reward_model},
+                    is_main=dist_info.is_main)
     state = rundir.check()
     if state is not None:
         recover_interrupted_save(out / "critic")  # a kill inside the critic's save (see save_critic below)
@@ -493,9 +535,11 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
     if cfg.top_k or cfg.top_p < 1.0:
         print(f"note: sampling with top_k={cfg.top_k}, top_p={cfg.top_p}; PPO log-probs still come from the "
               "unfiltered softmax(logits / temperature)")
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same on every process: new heads and adapters start identical
     device = pick_device(cfg.device)
-    trainer = build_trainer(cfg, tok, device, reward_fn, ptx)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", dist_info.local_rank)
+    trainer = build_trainer(cfg, tok, device, reward_fn, ptx, dist_info)
     start = 0
     if state is not None:
         policy, _, _ = load_model(out, head="lm", device=device)
@@ -520,29 +564,31 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
     history = []
     with (rundir.active(start, checkpoint_bytes=estimate_bytes(trainer.actor) + estimate_bytes(trainer.critic)),
           StopRequest() as stop):  # Ctrl-C / SIGTERM: finish the iteration, save, stop (see StopRequest)
-        if state is not None and not (out / "critic" / CONFIG_FILE).is_file():
+        main = dist_info.is_main  # one process logs and saves
+        if main and state is not None and not (out / "critic" / CONFIG_FILE).is_file():
             save_critic(start)  # killed between the two saves, maybe the last iteration's: no later save comes
-        logger = MetricsLogger(out)
+        logger = MetricsLogger(out, enabled=main)
         bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo",
-                   disable=not progress, dynamic_ncols=True, leave=False)
+                   disable=not (progress and main), dynamic_ncols=True, leave=False)
         for it in bar:
             batch = [prompts[i] for i in prompt_indices(len(prompts), it, cfg.batch_size, cfg.seed)]
             stats, samples, exp = trainer.iteration(batch, cfg.seed, it)
             history.append(stats)
             logger.log(it + 1, stats)
-            with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
-                for i in range(min(cfg.log_samples, len(batch))):
+            with open(out / "samples.jsonl", "a", encoding="utf-8") if main else contextlib.nullcontext() as f:
+                for i in range(min(cfg.log_samples, len(samples.responses)) if main else 0):  # this process's rows
                     f.write(json.dumps({"iteration": it + 1, "prompt": batch[i].text,
                                         "response": tok.decode(samples.responses[i]), "ended": samples.ended[i],
                                         "score": float(exp.scores[i])}, ensure_ascii=False) + "\n")
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", beta=f"{stats['beta']:.3g}")
             final = it + 1 == cfg.iterations
-            interrupted = not final and stop.requested()
-            if (cfg.save_every and (it + 1) % cfg.save_every == 0) or final or interrupted:
+            interrupted = not final and stop.requested(dist_info, device)
+            if main and ((cfg.save_every and (it + 1) % cfg.save_every == 0) or final or interrupted):
                 save(it + 1)
             if interrupted:
                 bar.close()
-                stop.announce(f"iteration {it + 1}", out)
+                if main:
+                    stop.announce(f"iteration {it + 1}", out)
                 raise KeyboardInterrupt
         bar.close()
     summary = {"out": str(out), "iterations": cfg.iterations, "seconds": time.perf_counter() - t_start,
@@ -581,4 +627,4 @@ def _wire(ctx: StageContext) -> dict:
 
 
 STAGE = Stage("ppo", PPOConfig, lambda ctx, cfg: run_ppo(cfg), inputs=("sft_model", "reward_model", "rl_prompts"),
-              outputs={"ppo_model": ""}, wire=_wire, policy="ppo", branch=True)
+              outputs={"ppo_model": ""}, wire=_wire, policy="ppo", branch=True, command="ppo")
