@@ -149,31 +149,41 @@ def test_a_stage_that_fails_under_torchrun_is_one_line(tmp_path, inputs):
     assert done.stderr.strip().splitlines()[-1] == "lmforge run: error: sft on 2 processes failed (its message is above)"
 
 
-PPO = ["ppo", "iterations=4", "batch_size=8", "minibatch_size=8", "micro_batch_size=2", "ppo_epochs=2",
-       "max_new_tokens=6", "actor_optim.lr=1e-3", "critic_optim.lr=1e-3", "device=cpu", "seed=3"]
+RL = {
+    "ppo": (["iterations=4", "batch_size=8", "minibatch_size=8", "micro_batch_size=2", "ppo_epochs=2",
+             "max_new_tokens=6", "actor_optim.lr=1e-3", "critic_optim.lr=1e-3"],
+            ("score", "score_std", "reward", "kl", "beta", "explained_var", "value_mean", "pg_loss", "vf_loss",
+             "approx_kl", "actor_grad_norm", "critic_grad_norm")),
+    "grpo": (["iterations=4", "prompts_per_iteration=4", "group_size=4", "minibatch_size=16", "micro_batch_size=2",
+              "max_new_tokens=6", "optim.lr=1e-3"],
+             ("reward", "reward_std", "group_std", "zero_std_frac", "reward_rm", "kl", "pg_loss", "kl_loss", "approx_kl",
+              "grad_norm")),
+}
 
 
-def test_ppo_on_two_processes_matches_one(inputs, tmp_path):
-    """Each process samples half of every batch with the batch's own per-row random numbers; rewards, whitening,
-    the KL controller and the statistics are computed on the gathered batch; gradients are summed over processes
-    (losses are normalised by the whole minibatch's token count). The same responses are sampled and the
-    statistics agree to rounding: the processes run different batch shapes (their own padding), which moves the
-    last bits of every forward, and Adam carries such differences on."""
-    paths = ["--sft-model", str(inputs / "init"), "--reward-model", str(inputs / "rm"), "--prompts",
-             str(inputs / "prompts.jsonl")]
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_rl_on_two_processes_matches_one(inputs, tmp_path, stage):
+    """Each process samples its share of every batch (PPO: prompts, GRPO: whole groups) with the batch's own
+    per-row random numbers; rewards, whitening, the KL controller and the statistics are computed on the gathered
+    batch; gradients are summed over processes (losses are normalised by the whole minibatch's token count). The
+    same responses are sampled and the statistics agree to rounding: the processes run different batch shapes
+    (their own padding), which moves the last bits of every forward, and Adam carries such differences on.
+    One minibatch per epoch here: with several, each process shuffles its own rows into its share of each
+    minibatch, so the minibatches (not the batch) differ from one process's: the same expectation, other numbers."""
+    extra, keys = RL[stage]
+    argv = [stage, "--sft-model", str(inputs / "init"), "--reward-model", str(inputs / "rm"), "--prompts",
+            str(inputs / "prompts.jsonl"), *extra, "device=cpu", "seed=3"]
     runs = {}
     for n in (1, 2):
         launch = [sys.executable, "-m", "lmforge.cli"] if n == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "lmforge.cli"]
         out = tmp_path / f"p{n}"
-        done = subprocess.run(launch + PPO[:1] + paths + PPO[1:] + ["--out", str(out)], env=ENV, capture_output=True,
-                              text=True, timeout=600)
+        done = subprocess.run(launch + argv + ["--out", str(out)], env=ENV, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-4000:]
         runs[n] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(runs[1]) == len(runs[2]) == 4
     for a, b in zip(runs[1], runs[2]):
         assert b["response_len"] == a["response_len"] and b["eos_frac"] == a["eos_frac"]  # the same samples
-        for k in ("score", "score_std", "reward", "kl", "beta", "explained_var", "value_mean", "pg_loss", "vf_loss",
-                  "approx_kl", "actor_grad_norm", "critic_grad_norm"):
+        for k in keys:
             # 1e-5 absolute for the means near 0 (pg_loss: whitened advantages average to 0); measured: 1e-7
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k, a[k], b[k])

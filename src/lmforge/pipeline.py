@@ -334,12 +334,12 @@ def split_for_processes(stage: Stage, cfg: Any, nproc: int) -> tuple[Any, str | 
     neither, None: the stage runs in one process. Returns (config, a note for the user or None)."""
     import dataclasses
 
-    if not hasattr(cfg, "optim"):  # PPO: each process samples and trains on a share of every (mini)batch
-        share = cfg.minibatch_size // nproc
-        if cfg.batch_size % nproc == 0 and cfg.minibatch_size % nproc == 0 and share % cfg.micro_batch_size == 0:
-            return cfg, None
-        return None, (f"batch_size {cfg.batch_size}, minibatch_size {cfg.minibatch_size} and micro_batch_size "
-                      f"{cfg.micro_batch_size} do not split over {nproc} processes; it runs in one")
+    if hasattr(cfg, "check_processes"):  # PPO, GRPO: each process samples and trains on a share of every batch
+        try:
+            cfg.check_processes(nproc)
+        except LmforgeError as e:
+            return None, f"{e}; it runs in one process"
+        return cfg, None
     batch, accum = cfg.batch_size, cfg.optim.grad_accum
     if accum % nproc == 0:
         return cfg, None

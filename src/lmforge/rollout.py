@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from lmforge.chat import turn_stop_ids
 from lmforge.errors import LmforgeError
@@ -183,6 +184,17 @@ def minibatch_epochs(n_rows: int, epochs: int, minibatch_size: int, generator: t
     return out
 
 
+def check_process_split(world: int, batch: tuple[str, int], minibatch_size: int, micro_batch_size: int) -> None:
+    """Under torchrun each process takes batch / world prompts and minibatch_size / world rows of each minibatch,
+    split further into micro-batches: each must divide. One LmforgeError naming the key."""
+    for key, n in (batch, ("minibatch_size", minibatch_size)):
+        if n % world:
+            raise LmforgeError(f"config key '{key}' ({n}) must be a multiple of the number of processes ({world})")
+    if (minibatch_size // world) % micro_batch_size:
+        raise LmforgeError(f"config key 'micro_batch_size' ({micro_batch_size}) must divide each process's share "
+                           f"of minibatch_size ({minibatch_size} / {world} processes)")
+
+
 class RLTrainer:
     """What the PPO and GRPO trainers share: an iteration is `make_experience(prompts, uniforms=...)` (sample and
     score) then `update(exp, generator)`, both implemented by the subclass, which also sets `device`,
@@ -207,3 +219,20 @@ class RLTrainer:
         stats.update(self.update(exp, step_generator(seed, iteration, micro=1)))
         stats["time_update"] = synced_time(self.device) - t0
         return stats, samples, exp
+
+    def minibatch_count(self, n: torch.Tensor) -> torch.Tensor:
+        """A count over the whole minibatch (every process's rows): the denominator of its token weights."""
+        if self.dist.world_size > 1:
+            dist.all_reduce(n)
+        return n
+
+    def minibatch_sums(self, sums: dict[str, torch.Tensor], finite: bool) -> tuple[dict[str, torch.Tensor], bool]:
+        """The weighted sums of a minibatch's statistics over every process, and whether every process's loss was
+        finite (one all-reduce): all processes then skip or take the same step."""
+        if self.dist.world_size == 1:
+            return sums, finite
+        keys = sorted(sums)
+        flat = torch.stack([*(torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys),
+                            torch.tensor(float(not finite), dtype=torch.float64, device=self.device)])
+        dist.all_reduce(flat)
+        return dict(zip(keys, flat[:-1])), bool(flat[-1] == 0)

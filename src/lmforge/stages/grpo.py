@@ -17,11 +17,11 @@ weighted sum of both. The math lives in rl_utils.py, the rollout layout in rollo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -39,15 +39,16 @@ from lmforge.lora import (LoraConfig, apply_lora, check_resume_rank, load_traina
                           trainable_state_dict)
 from lmforge.model import Transformer
 from lmforge.rl_utils import clipped_surrogate, group_advantages, kl_estimate
-from lmforge.rollout import (Experience, Prompt, RewardFn, RLTrainer, Samples, in_chunks, load_prompts,
+from lmforge.rollout import (Experience, Prompt, RewardFn, RLTrainer, Samples, check_process_split, in_chunks, load_prompts,
                              load_reward_fn, minibatch_epochs, policy_logprobs, prompt_indices, sample_responses,
                              scores_from_fn)
 from lmforge.rundir import RunDir
 from lmforge.scoring import RewardScorer, check_reward_model, disable_dropout
 from lmforge.stage import Stage, StageContext
 from lmforge.tokenizer import Tokenizer
-from lmforge.training import (MetricsLogger, NonFiniteGuard, OptimConfig, autocast, build_optimizer, clip_and_step, pick_device,
-                              rng_state, seed_everything, set_rng_state, StopRequest, synced_time)
+from lmforge.training import (DistInfo, MetricsLogger, NonFiniteGuard, OptimConfig, StopRequest, autocast,
+                              build_optimizer, clip_and_step, gather_rows, init_distributed, mean_over_processes,
+                              pick_device, rng_state, seed_everything, set_rng_state, sum_gradients, synced_time)
 
 
 def _grpo_optim() -> OptimConfig:
@@ -102,6 +103,10 @@ class GRPOConfig:
     def batch_size(self) -> int:
         return self.prompts_per_iteration * self.group_size
 
+    def check_processes(self, world: int) -> None:
+        """Under torchrun: refuse sizes that do not split over `world` processes (rollout.check_process_split)."""
+        check_process_split(world, ("prompts_per_iteration", self.prompts_per_iteration), self.minibatch_size, self.micro_batch_size)
+
     def validate(self) -> None:
         def need(ok: bool, key: str, what: str):
             if not ok:
@@ -139,9 +144,11 @@ class GRPOTrainer(RLTrainer):
     update. No critic, no value head: the group is the baseline."""
 
     def __init__(self, cfg: GRPOConfig, policy: Transformer, ref: Transformer, tok: Tokenizer,
-                 rewards: dict[str, tuple[float, RewardSource]], device: torch.device | str = "cpu"):
+                 rewards: dict[str, tuple[float, RewardSource]], device: torch.device | str = "cpu",
+                 dist_info: DistInfo | None = None):
         self.cfg, self.tok, self.rewards = cfg, tok, rewards
         self.device = torch.device(device)
+        self.dist = dist_info or DistInfo()  # under torchrun: this process's share of every batch (see RLTrainer)
         for model in (policy, ref):  # the same function at rollout and update time (N details)
             disable_dropout(model)
         policy.gradient_checkpointing = cfg.gradient_checkpointing
@@ -193,9 +200,13 @@ class GRPOTrainer(RLTrainer):
         scores = raw - cfg.no_eos_penalty * (~ended).float()  # judged on the response's own last token
         m = exp.mask
         exp.scores = scores
-        exp.advantages = group_advantages(scores, G, cfg.scale_rewards, cfg.adv_eps)[:, None] * m
-        groups = scores.view(-1, G)
+        exp.advantages = group_advantages(scores, G, cfg.scale_rewards, cfg.adv_eps)[:, None] * m  # whole groups
         kl = self._kl(exp.logprobs, exp.ref_logprobs, m)
+        # The logged statistics are over the whole batch (every process's rows, in rank order).
+        scores, ended, m, kl = gather_rows([scores, ended.float(), m, kl], self.dist)
+        if self.dist.world_size > 1:
+            parts = mean_over_processes(0.0, 0, parts, dev)[2]  # each a mean over equal shares
+        groups = scores.view(-1, G)
         stats = {
             "reward": float(scores.mean()), "reward_std": float(scores.std()),
             "group_std": float(groups.std(1).mean()),
@@ -224,8 +235,10 @@ class GRPOTrainer(RLTrainer):
         Returns weighted stats, or None on a non-finite loss.
         """
         cfg = self.cfg
-        n_tok, n_seq = exp.mask[rows].sum().clamp(min=1), len(rows)
+        n_tok = self.minibatch_count(exp.mask[rows].sum()).clamp(min=1)  # every process's rows
+        n_seq = len(rows) * self.dist.world_size
         sums: dict[str, torch.Tensor] = {}
+        finite = True
         for r in rows.split(cfg.micro_batch_size):
             mb = exp.select(r)
             m = mb.mask
@@ -237,8 +250,9 @@ class GRPOTrainer(RLTrainer):
             w = m / n_tok if cfg.loss_norm == "token" else m / (m.sum(1, keepdim=True).clamp(min=1) * n_seq)
             pg_loss, kl_loss = (pg * w).sum(), (kl * w).sum()
             loss = pg_loss + cfg.kl_coef * kl_loss if cfg.kl_coef else pg_loss
-            if not torch.isfinite(loss):
-                return None
+            if not torch.isfinite(loss):  # every process goes on to the same collectives, then all skip the step
+                finite = False
+                continue
             loss.backward()
             with torch.no_grad():  # accumulated on the device: one sync per minibatch
                 r64 = ratio.double()
@@ -248,12 +262,17 @@ class GRPOTrainer(RLTrainer):
                          "ratio_sq": (r64 ** 2 * w).sum()}
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().double()
+        sums, finite = self.minibatch_sums(sums, finite)
+        if not finite:
+            return None
         out = {k: float(v) for k, v in sums.items()}
         out["ratio_var"] = out.pop("ratio_sq") - out["ratio_mean"] ** 2
         return out
 
     def optimizer_step(self) -> dict:
         """Clip and step on the schedule; returns the gradient norm and learning rate."""
+        if self.dist.world_size > 1:
+            sum_gradients(self.policy)  # losses are weighted by the whole minibatch: the sum is its gradient
         grad_norm, lr = clip_and_step(self.policy, self.opt, self.sched, self.update_step)
         self.update_step += 1
         return {"grad_norm": grad_norm, "lr": lr}
@@ -272,8 +291,8 @@ class GRPOTrainer(RLTrainer):
             out = self.optimizer_step()  # a non-finite gradient norm skipped the update
             return {**stats, **out} if self.guard.check(math.isfinite(out["grad_norm"]), self.update_step) else None
 
-        return minibatch_epochs(exp.input_ids.shape[0], self.cfg.ppo_epochs, self.cfg.minibatch_size, generator,
-                                self.device, step)
+        return minibatch_epochs(exp.input_ids.shape[0], self.cfg.ppo_epochs,
+                                self.cfg.minibatch_size // self.dist.world_size, generator, self.device, step)
 
     # -- resume -------------------------------------------------------------------------------------------
 
@@ -329,7 +348,7 @@ def _check_inputs(cfg: GRPOConfig, reward_fn: RewardFn | None):
 
 
 def build_trainer(cfg: GRPOConfig, tok: Tokenizer, device: torch.device | str = "cpu",
-                  reward_fn: RewardFn | None = None) -> GRPOTrainer:
+                  reward_fn: RewardFn | None = None, dist_info: DistInfo | None = None) -> GRPOTrainer:
     """Policy and reference from the SFT checkpoint (adapters on the policy only), and the reward sources: the
     reward model when cfg.reward_model is set, `reward_fn` (else cfg.reward_fn) when there is one."""
     device = torch.device(device)
@@ -350,7 +369,7 @@ def build_trainer(cfg: GRPOConfig, tok: Tokenizer, device: torch.device | str = 
                          lambda prompts, samples: scores_from_fn(fn, tok, prompts, samples, device))
     if not sources:
         raise LmforgeError("config key 'reward_model' or 'reward_fn' is required")
-    return GRPOTrainer(cfg, policy, ref, tok, sources, device)
+    return GRPOTrainer(cfg, policy, ref, tok, sources, device, dist_info)
 
 
 def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True, reward_fn: RewardFn | None = None) -> dict:
@@ -360,19 +379,23 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True, rewar
 
     t_start = time.perf_counter()
     cfg.validate()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise LmforgeError("lmforge grpo runs in one process (one GPU); launch it without torchrun")
+    dist_info = init_distributed()  # under torchrun each process samples and trains on whole groups of a share
+    world = dist_info.world_size
+    cfg.check_processes(world)
     tok, prompts, reward_fn = _check_inputs(cfg, reward_fn)
     out = Path(cfg.out)
     rundir = RunDir(out, "grpo", resume, cfg.overwrite, inputs={"sft_model": cfg.sft_model,
-                                                               "reward_model": cfg.reward_model})
+                                                               "reward_model": cfg.reward_model},
+                    is_main=dist_info.is_main)
     state = rundir.check()
     if state is not None:
         check_resume_rank(out, read_config(out).get("lmforge", {}), "lora", cfg.lora.rank)
 
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same on every process: adapters start identical
     device = pick_device(cfg.device)
-    trainer = build_trainer(cfg, tok, device, reward_fn)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", dist_info.local_rank)
+    trainer = build_trainer(cfg, tok, device, reward_fn, dist_info)
     start = 0
     if state is not None:
         policy, _, _ = load_model(out, head="lm", device=device)
@@ -390,16 +413,17 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True, rewar
     history = []
     with (rundir.active(start, checkpoint_bytes=estimate_bytes(trainer.policy)),
           StopRequest() as stop):  # Ctrl-C / SIGTERM: finish the iteration, save, stop (see StopRequest)
-        logger = MetricsLogger(out)
+        main = dist_info.is_main  # one process logs and saves
+        logger = MetricsLogger(out, enabled=main)
         bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo",
-                   disable=not progress, dynamic_ncols=True, leave=False)
+                   disable=not (progress and main), dynamic_ncols=True, leave=False)
         for it in bar:
             batch = [prompts[i] for i in prompt_indices(len(prompts), it, cfg.prompts_per_iteration, cfg.seed)]
             stats, samples, exp = trainer.iteration(batch, cfg.seed, it)
             history.append(stats)
             logger.log(it + 1, stats)
-            with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
-                for i in range(min(cfg.log_samples, cfg.batch_size)):
+            with open(out / "samples.jsonl", "a", encoding="utf-8") if main else contextlib.nullcontext() as f:
+                for i in range(min(cfg.log_samples, len(samples.responses)) if main else 0):  # this process's rows
                     f.write(json.dumps({"iteration": it + 1, "prompt": batch[i // cfg.group_size].text,
                                         "response": tok.decode(samples.responses[i]), "ended": samples.ended[i],
                                         "reward": float(exp.scores[i]), "advantage": float(exp.advantages[i, 0])},
@@ -407,12 +431,13 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True, rewar
             bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}",
                             zero_std=f"{stats['zero_std_frac']:.2f}")
             final = it + 1 == cfg.iterations
-            interrupted = not final and stop.requested()
-            if (cfg.save_every and (it + 1) % cfg.save_every == 0) or final or interrupted:
+            interrupted = not final and stop.requested(dist_info, device)
+            if main and ((cfg.save_every and (it + 1) % cfg.save_every == 0) or final or interrupted):
                 save(it + 1)
             if interrupted:
                 bar.close()
-                stop.announce(f"iteration {it + 1}", out)
+                if main:
+                    stop.announce(f"iteration {it + 1}", out)
                 raise KeyboardInterrupt
         bar.close()
     summary = {"out": str(out), "iterations": cfg.iterations, "seconds": time.perf_counter() - t_start}
@@ -453,4 +478,4 @@ def _wire(ctx: StageContext) -> dict:
 
 
 STAGE = Stage("grpo", GRPOConfig, lambda ctx, cfg: run_grpo(cfg), inputs=("sft_model", "reward_model", "rl_prompts"),
-              outputs={"grpo_model": ""}, wire=_wire, policy="grpo", branch=True)
+              outputs={"grpo_model": ""}, wire=_wire, policy="grpo", branch=True, command="grpo")

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-import torch.distributed as dist
 
 from lmforge.checkpoint import (
     CONFIG_FILE,
@@ -60,6 +59,7 @@ from lmforge.rl_utils import (
     token_rewards,
 )
 from lmforge.rollout import (
+    check_process_split,
     RLTrainer,
     Experience,
     Prompt,
@@ -155,6 +155,10 @@ class PPOConfig:
     save_every: int = 0                  # iterations between checkpoints (0: only at the end)
     log_samples: int = 2                 # responses per iteration written to samples.jsonl
     overwrite: bool = False              # start over in an `out` that already holds a run
+
+    def check_processes(self, world: int) -> None:
+        """Under torchrun: refuse sizes that do not split over `world` processes (rollout.check_process_split)."""
+        check_process_split(world, ("batch_size", self.batch_size), self.minibatch_size, self.micro_batch_size)
 
     def validate(self) -> None:
         def need(ok: bool, key: str, what: str):
@@ -302,10 +306,7 @@ class PPOTrainer(RLTrainer):
         """
         cfg, world = self.cfg, self.dist.world_size
         micro = rows.split(cfg.micro_batch_size)
-        n_tok = exp.mask[rows].sum()
-        if world > 1:  # the minibatch is every process's rows: weigh tokens by its whole token count
-            dist.all_reduce(n_tok)
-        n_tok = n_tok.clamp(min=1)
+        n_tok = self.minibatch_count(exp.mask[rows].sum()).clamp(min=1)  # every process's rows
         sums: dict[str, torch.Tensor] = {}
         finite = True
         for i, r in enumerate(micro):
@@ -339,12 +340,7 @@ class PPOTrainer(RLTrainer):
                     stats["ptx_loss"] = ptx / (len(micro) * world)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().double()
-        if world > 1:  # token-weighted sums over the whole minibatch; a non-finite loss anywhere skips it everywhere
-            keys = sorted(sums)
-            flat = torch.stack([*(torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys),
-                                torch.tensor(float(not finite), dtype=torch.float64, device=self.device)])
-            dist.all_reduce(flat)
-            sums, finite = dict(zip(keys, flat[:-1])), bool(flat[-1] == 0)
+        sums, finite = self.minibatch_sums(sums, finite)  # a non-finite loss on any process skips the step on all
         if not finite:
             return None
         out = {k: float(v) for k, v in sums.items()}
@@ -513,12 +509,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
     cfg.validate()
     dist_info = init_distributed()  # under torchrun each process samples and trains on a share of every batch
     world = dist_info.world_size
-    for key, n in (("batch_size", cfg.batch_size), ("minibatch_size", cfg.minibatch_size)):
-        if n % world:
-            raise LmforgeError(f"config key '{key}' ({n}) must be a multiple of the number of processes ({world})")
-    if world > 1 and (cfg.minibatch_size // world) % cfg.micro_batch_size:
-        raise LmforgeError(f"config key 'micro_batch_size' ({cfg.micro_batch_size}) must divide each process's "
-                           f"share of minibatch_size ({cfg.minibatch_size} / {world} processes)")
+    cfg.check_processes(world)
     tok, prompts, ptx = _check_inputs(cfg, reward_fn is not None)
     ptx = ptx_source or ptx
     out = Path(cfg.out)
