@@ -121,7 +121,7 @@ def test_clip_and_step_skips_a_non_finite_gradient():
 
 
 def test_the_global_batch_is_kept_across_processes():
-    from lmforge.training import local_grad_accum
+    from lmforge.distributed import local_grad_accum
 
     assert [local_grad_accum(8, n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
     with pytest.raises(LmforgeError, match=r"config key 'optim.grad_accum' \(2\) must be a multiple of the number of processes \(4\)"):

@@ -24,7 +24,8 @@ from lmforge.model import Transformer
 from lmforge.prompts import Prompt, encode_prompts, read_prompts
 from lmforge.rl_utils import logprobs_from_logits
 from lmforge.tokenizer import Tokenizer
-from lmforge.training import DistInfo, step_generator, synced_time
+from lmforge.distributed import DistInfo
+from lmforge.training import step_generator, synced_time
 
 # reward_fn(prompt_texts, response_texts, response_ids) -> one float per response. prompt_texts are the last
 # user turns, response_texts the decoded responses (without the stop token), response_ids the sampled ids.

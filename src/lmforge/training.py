@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import signal
 import threading
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lmforge.distributed import (DistInfo, full_state, load_optimizer_state, local_grad_accum, mean_over_processes,
+                                 shard_model, unsharded_copy)
 from lmforge.errors import ConfigError, LmforgeError
 
 
@@ -41,6 +42,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     max_skipped_steps: int = 10   # stop after this many steps in a row skipped for a non-finite loss or gradient
+    fsdp: bool = False            # under torchrun: shard parameters, gradients and optimizer state (FSDP2), not DDP
 
     def validate(self) -> None:
         for key in ("max_steps", "grad_accum", "lr", "max_skipped_steps"):
@@ -203,82 +205,6 @@ def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch
     return g
 
 
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
-    return info
-
-
-def local_grad_accum(grad_accum: int, world_size: int) -> int:
-    """Micro-batches per process and step. A step is always batch_size x grad_accum (the configured global
-    batch): N processes each run grad_accum / N of its micro-batches."""
-    if grad_accum % world_size:
-        raise LmforgeError(f"config key 'optim.grad_accum' ({grad_accum}) must be a multiple of the number of "
-                           f"processes ({world_size}): a step is batch_size x grad_accum, shared by the processes")
-    return grad_accum // world_size
-
-
-def mean_over_processes(loss: float, n_tokens: int, metrics: dict, device) -> tuple[float, int, dict]:
-    """The step's loss and metrics averaged over processes (each process's numbers are means over equal shares)
-    and its token count summed: one all-reduce."""
-    keys = sorted(metrics)
-    t = torch.tensor([loss, float(n_tokens), *(metrics[k] for k in keys)], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    world = dist.get_world_size()
-    vals = t.tolist()
-    return vals[0] / world, int(vals[1]), {k: v / world for k, v in zip(keys, vals[2:])}
-
-
-def gather_rows(tensors: list[torch.Tensor], dist_info: DistInfo) -> list[torch.Tensor]:
-    """Every process's rows of each tensor, in rank order (one process: the tensors themselves). Tensors of
-    shape (rows, width) are zero-padded to the widest first. With each process holding a contiguous slice of a
-    batch, this is the batch one process would hold."""
-    if dist_info.world_size == 1:
-        return tensors
-    out = []
-    for x in tensors:
-        if x.dim() == 2:
-            width = torch.tensor([x.shape[1]], device=x.device)
-            dist.all_reduce(width, op=dist.ReduceOp.MAX)
-            x = torch.nn.functional.pad(x, (0, int(width) - x.shape[1]))
-        parts = [torch.empty_like(x) for _ in range(dist_info.world_size)]
-        dist.all_gather(parts, x.contiguous())
-        out.append(torch.cat(parts))
-    return out
-
-
-def sum_gradients(model: torch.nn.Module) -> None:
-    """All-reduce (sum) the gradients of `model` over processes in one flat buffer. PPO normalises its losses
-    by the token count of the whole (all-process) minibatch, so the sum is the minibatch's gradient."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def measure_cpu_matmul_peak(n: int = 1024, seconds: float = 0.5) -> float:
     """fp32 FLOP/s of an n x n matmul on this CPU, measured now (the CPU MFU denominator)."""
     g = torch.Generator().manual_seed(0)  # a private generator: measuring must not move the training RNG
@@ -384,13 +310,16 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
     dist_info = dist_info or DistInfo()
     logger = logger or MetricsLogger(out_dir, enabled=dist_info.is_main)
     raw_model = model
-    if dist_info.world_size > 1:
+    sharded = dist_info.world_size > 1 and optim_cfg.fsdp
+    if sharded:  # FSDP2: the model itself is sharded in place
+        shard_model(raw_model)
+    elif dist_info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
     optimizer = build_optimizer(raw_model, optim_cfg)
     accum = local_grad_accum(optim_cfg.grad_accum, dist_info.world_size)
     start = 0
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        load_optimizer_state(raw_model, optimizer, resume_state["optimizer"], sharded)
         start = int(resume_state["step"])
         set_rng_state(resume_state["rng"])
     peak = device_peak_flops(device) if flops_per_token else None
@@ -413,7 +342,9 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
                 micro = j * dist_info.world_size + dist_info.rank
                 batch = hooks.micro_batch(step, micro, dist_info)
                 sync = j == accum - 1 or dist_info.world_size == 1
-                ctx = contextlib.nullcontext() if sync else model.no_sync()
+                if sharded:  # reduce-scatter the gradients once, after the last micro-batch
+                    model.set_requires_gradient_sync(sync)
+                ctx = contextlib.nullcontext() if sync or sharded else model.no_sync()
                 with ctx, autocast(device):
                     loss, metrics, ntok = hooks.loss(model, batch)
                 # A non-finite loss still goes through backward: its NaN gradients reach every rank's all-reduce,
@@ -427,6 +358,8 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
             if dist_info.world_size > 1:  # log the step's numbers, not this process's share of them
                 total_loss, n_tokens, metrics_sum = mean_over_processes(total_loss, n_tokens, metrics_sum, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a sharded (DTensor) norm
+                grad_norm = grad_norm.full_tensor()
             if guard.check(math.isfinite(total_loss) and bool(torch.isfinite(grad_norm)), step + 1):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -449,8 +382,14 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
                             **({"mfu": f"{rec['mfu']:.0%}"} if "mfu" in rec else {}))
             final = done == optim_cfg.max_steps
             interrupted = not final and stop.requested(dist_info, device)
-            if dist_info.is_main and ((save_every and done % save_every == 0) or final or done == end or interrupted):
-                hooks.save(raw_model, {"optimizer": optimizer.state_dict(), "step": done, "rng": rng_state()}, final)
+            if (save_every and done % save_every == 0) or final or done == end or interrupted:
+                if sharded:  # gathered by every process onto rank 0, saved as a plain checkpoint
+                    weights, optim_state = full_state(raw_model, optimizer)
+                    if dist_info.is_main:
+                        hooks.save(unsharded_copy(raw_model, weights),
+                                   {"optimizer": optim_state, "step": done, "rng": rng_state()}, final)
+                elif dist_info.is_main:
+                    hooks.save(raw_model, {"optimizer": optimizer.state_dict(), "step": done, "rng": rng_state()}, final)
             if interrupted:
                 bar.close()
                 if dist_info.is_main:

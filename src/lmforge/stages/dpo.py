@@ -59,12 +59,12 @@ from lmforge.rundir import RunDir
 from lmforge.scoring import disable_dropout
 from lmforge.stage import Stage, StageContext
 from lmforge.tokenizer import Tokenizer, check_same_tokenizer
+from lmforge.distributed import init_distributed
 from lmforge.training import (
     LoopHooks,
     MetricsLogger,
     OptimConfig,
     autocast,
-    init_distributed,
     pick_device,
     seed_everything,
     step_generator,

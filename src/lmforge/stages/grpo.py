@@ -46,9 +46,21 @@ from lmforge.rundir import RunDir
 from lmforge.scoring import RewardScorer, check_reward_model, disable_dropout
 from lmforge.stage import Stage, StageContext
 from lmforge.tokenizer import Tokenizer
-from lmforge.training import (DistInfo, MetricsLogger, NonFiniteGuard, OptimConfig, StopRequest, autocast,
-                              build_optimizer, clip_and_step, gather_rows, init_distributed, mean_over_processes,
-                              pick_device, rng_state, seed_everything, set_rng_state, sum_gradients, synced_time)
+from lmforge.distributed import DistInfo, gather_rows, init_distributed, mean_over_processes, sum_gradients
+from lmforge.training import (
+    MetricsLogger,
+    NonFiniteGuard,
+    OptimConfig,
+    StopRequest,
+    autocast,
+    build_optimizer,
+    clip_and_step,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    synced_time,
+)
 
 
 def _grpo_optim() -> OptimConfig:

@@ -76,22 +76,19 @@ from lmforge.rollout import (
 )
 from lmforge.ptx import PtxConfig, PtxSource
 from lmforge.tokenizer import Tokenizer
+from lmforge.distributed import DistInfo, gather_rows, init_distributed, sum_gradients
 from lmforge.training import (
-    DistInfo,
     MetricsLogger,
     OptimConfig,
     autocast,
     build_optimizer,
     NonFiniteGuard,
     clip_and_step,
-    gather_rows,
-    init_distributed,
     pick_device,
     rng_state,
     seed_everything,
     set_rng_state,
     StopRequest,
-    sum_gradients,
     synced_time,
 )
 

@@ -31,12 +31,12 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.rundir import RunDir
 from lmforge.stage import Stage, StageContext
 from lmforge.tokenizer import Tokenizer, check_same_tokenizer
+from lmforge.distributed import init_distributed
 from lmforge.training import (
     LoopHooks,
     MetricsLogger,
     OptimConfig,
     autocast,
-    init_distributed,
     logged,
     pick_device,
     seed_everything,
@@ -278,11 +278,14 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = Tru
 
     def evaluate_hook(m, step):
         metrics = evaluate(m, val, cfg, special, mask_id, token_bytes, device)
-        if cfg.sample_every and step % cfg.sample_every == 0 and dist_info.is_main:
-            metrics["samples"] = _samples(m, tok, cfg, device)
-            from tqdm import tqdm
-            for s in metrics["samples"]:
-                tqdm.write(f"[step {step}] {s!r}")
+        # A sharded (FSDP2) model generates on every process: each forward gathers parameters from all of them.
+        if cfg.sample_every and step % cfg.sample_every == 0 and (dist_info.is_main or cfg.optim.fsdp):
+            samples = _samples(m, tok, cfg, device)
+            if dist_info.is_main:
+                from tqdm import tqdm
+                metrics["samples"] = samples
+                for s in samples:
+                    tqdm.write(f"[step {step}] {s!r}")
         return metrics
 
     def save(m, training_state, final):

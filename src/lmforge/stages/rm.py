@@ -58,11 +58,11 @@ from lmforge.preferences import (
 )
 from lmforge.scoring import RewardScorer, disable_dropout, normalize, raw_scores, score_sequences
 from lmforge.tokenizer import Tokenizer, check_same_tokenizer
+from lmforge.distributed import init_distributed
 from lmforge.training import (
     LoopHooks,
     MetricsLogger,
     OptimConfig,
-    init_distributed,
     logged,
     pick_device,
     seed_everything,

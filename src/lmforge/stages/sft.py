@@ -56,16 +56,8 @@ from lmforge.lora import (
     trainable_state_dict,
 )
 from lmforge.tokenizer import Tokenizer, check_same_tokenizer
-from lmforge.training import (
-    LoopHooks,
-    MetricsLogger,
-    OptimConfig,
-    init_distributed,
-    logged,
-    pick_device,
-    seed_everything,
-    train_loop,
-)
+from lmforge.distributed import init_distributed
+from lmforge.training import LoopHooks, MetricsLogger, OptimConfig, logged, pick_device, seed_everything, train_loop
 
 
 @dataclass
