@@ -1,6 +1,6 @@
 """Continuous-batching throughput: generated tokens/s of `lmforge.engine.Engine` at 1, 8 and 32 concurrent requests.
 
-    python benchmarks/engine_throughput.py                          # random 4 layers x 192, vocab 4096, context 256
+    python benchmarks/engine_throughput.py                          # random 4 layers x 192, vocab 4096, context 512
     python benchmarks/engine_throughput.py runs/lmforge-tiny/sft    # a checkpoint directory
     python benchmarks/engine_throughput.py --device cuda --concurrency 1 8 32 128
 
@@ -25,7 +25,7 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.training import pick_device
 
 
-def build(checkpoint: str | None, device: torch.device):
+def build(checkpoint: str | None, device: torch.device, size: tuple[int, int] = (4, 192)):
     """(model, tokenizer or None): the checkpoint, or the random default-sized model."""
     if checkpoint:
         from lmforge.checkpoint import load_model
@@ -33,8 +33,9 @@ def build(checkpoint: str | None, device: torch.device):
         model, tok, _ = load_model(checkpoint, head="lm", device=device)
         return model, tok
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=4096, hidden_size=192, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=256)
+    layers, width = size
+    cfg = ModelConfig(vocab_size=4096, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 48,
+                      num_key_value_heads=width // 48, max_position_embeddings=512)
     return Transformer(cfg).to(device), None
 
 
@@ -61,11 +62,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--layers", type=int, default=4, help="random model: layers")
+    p.add_argument("--width", type=int, default=192, help="random model: width (heads of 48)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    model, tok = build(args.checkpoint, device)
+    model, tok = build(args.checkpoint, device, (args.layers, args.width))
     cfg = model.config
     if args.prompt_len + args.max_new_tokens > cfg.max_position_embeddings:
         p.error(f"--prompt-len + --max-new-tokens exceeds the model's context ({cfg.max_position_embeddings})")

@@ -102,6 +102,9 @@ def shard_model(model: torch.nn.Module) -> None:
     in place. Only full fine-tuning: with LoRA the frozen base is what would need sharding, and it is replicated."""
     from torch.distributed.fsdp import fully_shard
 
+    if hasattr(model, "_orig_mod"):
+        raise LmforgeError("config keys 'compile' and 'optim.fsdp': shard first, compile after is not wired up; "
+                           "use one of them")
     if not all(p.requires_grad for p in model.parameters()):
         raise LmforgeError("config key 'optim.fsdp': FSDP2 shards full fine-tuning only (not LoRA)")
     for block in model.model.layers:
