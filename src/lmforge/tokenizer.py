@@ -330,8 +330,10 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out_dir: str | Pa
 # ----------------------------------------------------------------------------------------------------------
 # Fast exact encoding for `lmforge data prepare`
 
-# GPT-2's pre-tokenization regex: how the ByteLevel pre-tokenizer (use_regex=True) of `tokenizers` splits text.
-BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's pre-tokenization regex, how the ByteLevel pre-tokenizer (use_regex=True) of `tokenizers` splits text:
+#   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# written as tiktoken writes it for GPT-2: the same matches (no contraction is a prefix of another), ~25% faster.
+BYTE_LEVEL_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 class FastEncoder:
@@ -387,9 +389,9 @@ def _fast_encoder_tables(spec: dict, hf) -> tuple[dict[bytes, int], dict[str, in
             or model.get("end_of_word_suffix") or model.get("byte_fallback") or model.get("ignore_merges")):
         return None
     added = spec.get("added_tokens") or []
-    specials = {t["content"]: t["id"] for t in added}
-    if len(specials) != len(added) or any(t["single_word"] or t["lstrip"] or t["rstrip"] or t["normalized"]
-                                          or not t["content"] for t in added):
+    specials = {t.get("content"): t.get("id") for t in added}
+    if len(specials) != len(added) or any(t.get("single_word") or t.get("lstrip") or t.get("rstrip")
+                                          or t.get("normalized") or not t.get("content") for t in added):
         return None
     # tokenizers matches added tokens leftmost-longest, tiktoken leftmost-first in no set order: the same
     # unless one token is a prefix of another (then it is a prefix of the next one in sorted order).
