@@ -70,3 +70,35 @@ def tiny_sft_policy(tok):
         loss.backward()
         opt.step()
     return model
+
+
+def write_stage_inputs(root, tok, corpus_file):
+    """Tiny inputs of every training stage under `root` (for runs in subprocesses): tok/ and data/ (token shards),
+    init/ (an SFT policy), rm/ (a random reward model), sft.jsonl, ranked.jsonl (three responses per prompt, more
+    apples rank higher) and prompts.jsonl. Returns root."""
+    import json
+    import random
+
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.data import prepare_data
+    from lmforge.model import Transformer
+
+    tok.save(root / "tok")
+    prepare_data([corpus_file], root / "tok", root / "data", val_fraction=0.2)
+    save_checkpoint(root / "init", tiny_sft_policy(tok), tok, {"stage": "sft"})
+    torch.manual_seed(1)
+    save_checkpoint(root / "rm", Transformer(tiny_config(), head="scalar"), tok,
+                    {"stage": "rm", "backbone": "decoder", "pooling": "last", "reward_mean": 0.25, "reward_std": 2.0})
+    words = "the quick brown fox jumps over the lazy dog".split()
+    (root / "sft.jsonl").write_text("".join(
+        json.dumps({"instruction": f"say {i}", "output": " ".join(words[i % 5:i % 5 + 1 + i % 4])}) + "\n"
+        for i in range(32)))
+    rng, ranked = random.Random(0), []
+    for i in range(48):
+        apples = rng.sample(range(4), 3)
+        ranked.append({"input": f"pick {i}", "choices": [
+            {"text": " ".join(["apple"] * a + ["fox"] * (4 - a)), "rank": sorted(apples, reverse=True).index(a) + 1}
+            for a in apples]})
+    (root / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ranked))
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"instruction": f"say {i}"}) + "\n" for i in range(12)))
+    return root

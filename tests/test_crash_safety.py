@@ -19,9 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_training_state, save_checkpoint
-from lmforge.data import prepare_data
-from lmforge.model import Transformer
+from lmforge.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_training_state
 
 # One torch thread, as in pytest's own process (conftest): with a busy second core, two threads make these tiny
 # runs several times slower. References and interrupted runs alike, so the comparisons stay like for like.
@@ -31,29 +29,10 @@ SAVE_DELAY = {**ENV, "LMFORGE_TEST_SAVE_DELAY": "0.2"}  # every save waits 0.2 s
 
 @pytest.fixture(scope="module")
 def inputs(tok, corpus_file, tmp_path_factory):
-    """Tiny inputs of every stage: token shards, an SFT policy and SFT records, ranked records, a reward model
-    and RL prompts (the same kinds tests/stages build)."""
-    from tests.conftest import tiny_config, tiny_sft_policy
+    """Tiny inputs of every stage (tests.conftest.write_stage_inputs)."""
+    from tests.conftest import write_stage_inputs
 
-    root = tmp_path_factory.mktemp("crash_inputs")
-    tok.save(root / "tok")
-    prepare_data([corpus_file], root / "tok", root / "data", val_fraction=0.2)
-    save_checkpoint(root / "init", tiny_sft_policy(tok), tok, {"stage": "sft"})
-    torch.manual_seed(1)
-    save_checkpoint(root / "rm", Transformer(tiny_config(), head="scalar"), tok,
-                    {"stage": "rm", "backbone": "decoder", "pooling": "last", "reward_mean": 0.25, "reward_std": 2.0})
-    words = "the quick brown fox jumps over the lazy dog".split()
-    (root / "sft.jsonl").write_text("".join(
-        json.dumps({"instruction": f"say {i}", "output": " ".join(words[i % 5:i % 5 + 3])}) + "\n" for i in range(32)))
-    rng, ranked = random.Random(0), []
-    for i in range(48):  # three responses per prompt: more apples rank higher
-        apples = rng.sample(range(4), 3)
-        ranked.append({"input": f"pick {i}", "choices": [
-            {"text": " ".join(["apple"] * a + ["fox"] * (4 - a)), "rank": sorted(apples, reverse=True).index(a) + 1}
-            for a in apples]})
-    (root / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ranked))
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"instruction": f"say {i}"}) + "\n" for i in range(12)))
-    return root
+    return write_stage_inputs(tmp_path_factory.mktemp("crash_inputs"), tok, corpus_file)
 
 
 # One short run per stage (a few seconds on a CPU, a metrics line per step or iteration); _argv adds the rest.

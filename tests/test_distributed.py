@@ -11,7 +11,6 @@ process does, so the numbers would agree to rounding (~1e-7 relative per step), 
 
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -19,9 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.checkpoint import save_checkpoint
-from lmforge.data import prepare_data
-from lmforge.model import Transformer
 
 pytestmark = pytest.mark.slow  # each case starts several processes
 
@@ -30,28 +26,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def inputs(tok, corpus_file, tmp_path_factory):
-    from tests.conftest import tiny_config, tiny_sft_policy
+    """Tiny inputs of every stage (tests.conftest.write_stage_inputs)."""
+    from tests.conftest import write_stage_inputs
 
-    root = tmp_path_factory.mktemp("dist_inputs")
-    tok.save(root / "tok")
-    prepare_data([corpus_file], root / "tok", root / "data", val_fraction=0.2)
-    save_checkpoint(root / "init", tiny_sft_policy(tok), tok, {"stage": "sft"})
-    words = "the quick brown fox jumps over the lazy dog".split()
-    (root / "sft.jsonl").write_text("".join(
-        json.dumps({"instruction": f"say {i}", "output": " ".join(words[i % 5:i % 5 + 1 + i % 4])}) + "\n"
-        for i in range(32)))
-    rng, ranked = random.Random(0), []
-    for i in range(48):  # three responses per prompt: more apples rank higher
-        apples = rng.sample(range(4), 3)
-        ranked.append({"input": f"pick {i}", "choices": [
-            {"text": " ".join(["apple"] * a + ["fox"] * (4 - a)), "rank": sorted(apples, reverse=True).index(a) + 1}
-            for a in apples]})
-    (root / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ranked))
-    torch.manual_seed(1)
-    save_checkpoint(root / "rm", Transformer(tiny_config(), head="scalar"), tok,
-                    {"stage": "rm", "backbone": "decoder", "pooling": "last", "reward_mean": 0.25, "reward_std": 2.0})
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"instruction": f"say {i}"}) + "\n" for i in range(12)))
-    return root
+    return write_stage_inputs(tmp_path_factory.mktemp("dist_inputs"), tok, corpus_file)
 
 
 STAGES = {
