@@ -370,7 +370,10 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
             if guard.skipped:
                 rec["skipped_steps"] = guard.skipped
             if peak and flops_per_token:  # per device: this process's tokens against one device's peak
-                rec["mfu"] = flops_per_token * n_tokens / dist_info.world_size / dt / peak
+                achieved = flops_per_token * n_tokens / dist_info.world_size / dt
+                if achieved > peak and device.type == "cpu":  # the peak was measured while the machine was busy
+                    peak = max(peak, measure_cpu_matmul_peak())
+                rec["mfu"] = achieved / peak
             done = step + 1
             if hooks.evaluate is not None and eval_every and (done % eval_every == 0 or done == optim_cfg.max_steps):
                 rec.update(hooks.evaluate(raw_model, done))

@@ -124,3 +124,24 @@ def test_report_breaks_results_down_by_prompt_category_and_plots_grpo(run_dir):
     assert "| sft | 15.5 | 30.0 |" in md and "| grpo | – | 45.2 |" in md
     assert "![GRPO reward and KL](grpo.png)" in md
     _check_png(run_dir / "grpo.png")
+
+
+def test_the_wall_time_table_shows_each_training_stage_s_tokens_per_second_and_mfu(tmp_path):
+    from lmforge.stages.report import ReportConfig, report_from_run
+
+    _log(tmp_path, "pretrain", [(1, {"loss": 6.0, "tokens_per_s": 100.0, "mfu": 0.10}),  # warm-up: left out
+                                (2, {"loss": 5.0, "tokens_per_s": 1000.0, "mfu": 0.40}),
+                                (3, {"loss": 4.0, "tokens_per_s": 3000.0, "mfu": 0.60}),
+                                (4, {"loss": 3.5, "tokens_per_s": 2000.0, "mfu": 0.50})])
+    _log(tmp_path, "ppo", [(1, {"rollout_tokens_per_s": 50.0}), (2, {"rollout_tokens_per_s": 700.0})])
+    for stage, secs in (("pretrain", 12.0), ("ppo", 4.0), ("label", 0.5)):
+        (tmp_path / stage).mkdir(exist_ok=True)
+        (tmp_path / stage / "stage.json").write_text(json.dumps({"fingerprint": "x", "seconds": secs, "summary": {}}))
+    report_from_run(ReportConfig(run=str(tmp_path)))
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["stages"]["pretrain"] == {"seconds": 12.0, "tokens_per_s": 2000.0, "mfu": 0.5}  # medians of steps 2-4
+    assert rep["stages"]["ppo"] == {"seconds": 4.0, "tokens_per_s": 700.0, "mfu": None, "rollout": True}
+    md = (tmp_path / "report.md").read_text()
+    assert "| stage | seconds | tokens/s | MFU |" in md
+    assert "| pretrain | 12.0 | 2,000 | 50% |" in md and "| ppo | 4.0 | 700 (rollout) | – |" in md
+    assert "| label | 0.5 | – | – |" in md

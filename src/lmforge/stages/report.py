@@ -196,8 +196,21 @@ def render_markdown(rep: dict, plots: list[tuple[str, str]]) -> str:
     lines += ["## Reward model", "", f"Held-out pairwise accuracy: {_fmt(None if acc is None else 100 * acc, '.1f')}"
               + ("%" if acc is not None else ""), ""]
     if rep["stages"]:
-        lines += ["## Wall time", "", "| stage | seconds |", "|---|---:|"]
-        lines += [f"| {s} | {_fmt(v.get('seconds'), '.1f')} |" for s, v in rep["stages"].items()]
+        speeds = any("tokens_per_s" in v for v in rep["stages"].values())
+        lines += ["## Wall time", ""]
+        if speeds:
+            lines += ["| stage | seconds | tokens/s | MFU |", "|---|---:|---:|---:|"]
+            for s, v in rep["stages"].items():
+                tok_s = f"{v['tokens_per_s']:,.0f}" + (" (rollout)" if v.get("rollout") else "") \
+                    if v.get("tokens_per_s") is not None else "–"
+                mfu = f"{100 * v['mfu']:.0f}%" if v.get("mfu") is not None else "–"
+                lines.append(f"| {s} | {_fmt(v.get('seconds'), '.1f')} | {tok_s} | {mfu} |")
+            lines += ["", "Tokens/s and MFU: medians over a stage's logged steps (the first, a warm-up, left out); MFU "
+                      "against the device's peak (on CPU the fp32 matmul peak measured when the stage started). "
+                      "PPO and GRPO: tokens sampled per second of rollout."]
+        else:
+            lines += ["| stage | seconds |", "|---|---:|"]
+            lines += [f"| {s} | {_fmt(v.get('seconds'), '.1f')} |" for s, v in rep["stages"].items()]
         lines.append("")
     for title, png in plots:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]
@@ -263,6 +276,22 @@ def _read_json(path: Path) -> dict:
         raise LmforgeError(f"{path}: cannot read ({e})") from None
 
 
+def training_speed(records: list[dict]) -> dict:
+    """A stage's median training tokens/s and MFU over its logged steps, the first (warm-up) left out; for PPO
+    and GRPO the rollout's sampled tokens/s ("rollout": True). {} for a stage that logs neither."""
+    import statistics
+
+    def median(key: str) -> float | None:
+        vals = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+        return statistics.median(vals[1:] or vals) if vals else None
+
+    if (tok_s := median("tokens_per_s")) is not None:
+        return {"tokens_per_s": round(tok_s, 1), "mfu": None if (m := median("mfu")) is None else round(m, 4)}
+    if (tok_s := median("rollout_tokens_per_s")) is not None:
+        return {"tokens_per_s": round(tok_s, 1), "mfu": None, "rollout": True}
+    return {}
+
+
 def report_from_run(cfg: ReportConfig) -> dict:
     """Rebuild report.md / report.json / plots of a run directory from its stages' stage.json files."""
     run = Path(cfg.run)
@@ -275,7 +304,8 @@ def report_from_run(cfg: ReportConfig) -> dict:
     results = {"judge": ev.get("judge", "oracle"), "win_method": ev.get("win_method"), "policies": ev.get("policies", {}),
                "reward_hacking": ev.get("reward_hacking", []),
                "rm": {"heldout_accuracy": markers.get("rm", {}).get("summary", {}).get("heldout_accuracy")},
-               "stages": {s: {"seconds": round(m.get("seconds", 0.0), 1)} for s, m in markers.items()}}
+               "stages": {s: {"seconds": round(m.get("seconds", 0.0), 1), **training_speed(read_metrics(run / s))}
+                          for s, m in markers.items()}}
     write_report(run, results, stages)
     return {"report": str(run / "report.md")}
 
