@@ -290,3 +290,16 @@ def test_sigkill_anywhere_in_a_run_then_rerun_gives_the_same_policies(tmp_path):
         a, b = load_file(str(ref / policy / "model.safetensors")), load_file(str(out / policy / "model.safetensors"))
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), policy
     assert not [p.name for p in out.rglob(".*") if ".tmp-" in p.name or p.name.endswith(".old")]
+
+
+def test_run_under_torchrun_points_to_nproc(monkeypatch, tmp_path, capsys):
+    from lmforge.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "--preset", "tiny", "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.strip() == ("lmforge run: error: lmforge run starts its own processes: run it "
+                                               "without torchrun and pass --nproc N")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["run", "--preset", "tiny", "--out", str(tmp_path / "run"), "nproc=0"]) == 1
+    assert "config key 'nproc' must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
