@@ -23,6 +23,7 @@ from lmforge.errors import LmforgeError
 
 @dataclass
 class DistInfo:
+    """Which process this is: one process is rank 0 of 1. Rank 0 logs and writes checkpoints."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
