@@ -132,7 +132,7 @@ def check_output_dir(out: str | Path, key: str = "out") -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LmforgeError(f"config key '{key}': {out} exists and is not a directory")
-    _check_writable(out if out.is_dir() else _existing_ancestor(out), key)
+    _check_writable(out if out.is_dir() else _existing_ancestor(out), key, out)
 
 
 def check_output_file(path: str | Path, key: str = "out") -> None:
@@ -141,7 +141,7 @@ def check_output_file(path: str | Path, key: str = "out") -> None:
     path = Path(path)
     if path.is_dir():
         raise LmforgeError(f"config key '{key}': {path} is a directory; give the path of a file")
-    _check_writable(_existing_ancestor(path.parent), key)
+    _check_writable(_existing_ancestor(path.parent), key, path)
 
 
 def check_new_checkpoint_dir(out: str | Path, overwrite: bool, key: str = "out") -> None:
@@ -158,15 +158,18 @@ def check_new_checkpoint_dir(out: str | Path, overwrite: bool, key: str = "out")
                                "replace it")
 
 
-def _check_writable(base: Path, key: str = "out") -> None:
+def _check_writable(base: Path, key: str, target: Path) -> None:
+    """Refuse `target` unless a file can be created in `base`, the folder it goes in (or its nearest existing
+    ancestor): the message names both."""
+    named = "" if target == base else f"{target}: "
     if not base.is_dir():  # a file where a folder of the path should be
-        raise LmforgeError(f"config key '{key}': cannot write in {base} (not a directory)")
+        raise LmforgeError(f"config key '{key}': {named}cannot write in {base} (not a directory)")
     probe = base / f".lmforge-write-probe-{os.getpid()}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise LmforgeError(f"config key '{key}': cannot write in {base} ({e.strerror})") from None
+        raise LmforgeError(f"config key '{key}': {named}cannot write in {base} ({e.strerror})") from None
 
 
 def _dir_bytes(path: Path) -> int:
