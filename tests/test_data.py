@@ -441,7 +441,10 @@ def test_a_killed_worker_or_ctrl_c_ends_prepare_with_no_output_and_no_workers_le
     code = ("import sys; from lmforge.data import prepare_data; "
             "prepare_data([sys.argv[1]], sys.argv[2], sys.argv[3], processes=2)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(src), str(tok_dir(tok, tmp_path)), str(tmp_path / "out")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            # as from a terminal: a background job (`cmd &`, nohup, some CI runners) starts with
+                            # SIGINT ignored, and a Python started so never raises KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         # both tokenizing, with most of the corpus still ahead (a late signal could find the work done: flaky)
