@@ -369,7 +369,7 @@ def run_under_torchrun(stage: Stage, cfg: Any, nproc: int, run_dir: Path) -> dic
         argv = [sys.executable, "-c", _LAUNCH, "--standalone", f"--nproc_per_node={nproc}",
                 "-m", "lmforge.cli", *stage.command.split(), "--config", f.name]
         # Its progress and messages go straight to the terminal; LOGLEVEL quiets the launcher's own logging.
-        code = subprocess.run(argv, env={**os.environ, "LOGLEVEL": "CRITICAL"}).returncode
+        code = subprocess.run(argv, env={**os.environ, "LOGLEVEL": "CRITICAL"}, check=False).returncode
     finally:
         Path(f.name).unlink()
     if code != 0:

@@ -203,7 +203,7 @@ class RLTrainer:
 
     device: torch.device
     sampling: SamplingParams
-    dist: DistInfo = DistInfo()
+    dist: DistInfo
     rows_per_prompt: int = 1  # responses sampled per prompt (GRPO: the group size)
 
     def iteration(self, prompts: list[Prompt], seed: int, iteration: int) -> tuple[dict, Samples, Experience]:
