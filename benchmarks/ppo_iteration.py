@@ -2,6 +2,7 @@
 model forward passes) and update, for a fixed configuration; report rollout tokens/s and peak memory.
 
     python benchmarks/ppo_iteration.py                       # tiny, CPU (seconds)
+    python benchmarks/ppo_iteration.py --size cpu16 --iterations 20   # 2 x 128, 4 epochs, T 0.7 (issue 16)
     python benchmarks/ppo_iteration.py --size gpt2 --device cuda
 
 Models are randomly initialised: a near-uniform policy over the whole vocabulary rarely samples a stop token,
@@ -32,6 +33,9 @@ from lmforge.tokenizer import train_tokenizer
 from lmforge.training import pick_device
 
 SIZES = {  # model, rollouts per iteration, minibatch, micro-batch, new tokens
+    # issue 16's CPU configuration: 2 x 128, 16 rollouts x 32 tokens, 4 epochs over one minibatch, T 0.7
+    "cpu16": (dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                   max_position_embeddings=128), 16, 16, 16, 32),
     "tiny": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=128), 16, 8, 8, 32),
     "small": (dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
@@ -64,7 +68,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ppo_bench_"))
     lines = corpus_lines()
     (work / "corpus.txt").write_text("\n\n".join(lines), encoding="utf-8")
-    tok = train_tokenizer([work / "corpus.txt"], 1024 if args.size == "tiny" else 4096, work / "tok")
+    tok = train_tokenizer([work / "corpus.txt"], 1024 if args.size in ("tiny", "cpu16") else 4096, work / "tok")
     mc = ModelConfig(vocab_size=tok.vocab_size, **model_kw)
     torch.manual_seed(0)
     save_checkpoint(work / "sft", Transformer(mc), tok, {"stage": "sft"})
@@ -75,7 +79,8 @@ def main() -> None:
     cfg = load_config(PPOConfig, base=dict(
         sft_model=str(work / "sft"), reward_model=str(work / "rm"), prompts=str(work / "prompts.jsonl"),
         out=str(work / "out"), iterations=args.iterations + 1, batch_size=batch, minibatch_size=minibatch,
-        micro_batch_size=micro, max_new_tokens=new_tokens, device=str(device)))
+        micro_batch_size=micro, max_new_tokens=new_tokens, device=str(device),
+        **(dict(ppo_epochs=4, temperature=0.7) if args.size == "cpu16" else {})))
     prompts = load_prompts(cfg.prompts, tok, cfg.max_new_tokens, {"policy": mc.max_position_embeddings})
     trainer = build_trainer(cfg, tok, device)
     if device.type == "cuda":

@@ -29,3 +29,76 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     nll = torch.zeros(targets.shape, device=logits.device, dtype=torch.float32)
     nll[sel] = F.cross_entropy(logits[:, :-1][sel].float(), targets[sel], reduction="none")
     return F.pad(nll, (1, 0))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i scale * CE(hidden_i @ weight.T, target_i), with the gradients computed in the forward pass.
+
+    The loss is a scalar, so its gradients are known up to the one number backward multiplies them by: each
+    chunk of rows computes its logits, log-sum-exp and softmax, turns them into its gradient (softmax - one-hot)
+    and folds that into d(hidden) and d(weight) while the chunk is still in cache, then drops it. The full
+    (N, V) logits, their log-softmax and the gradient of both are never stored (Liger-Kernel's "fused linear
+    cross-entropy"; Wijmans et al. 2024, "Cut your losses"): less memory for large vocabularies, and on a CPU
+    the LM head stops being the memory-bound third of a small model's step.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, chunk_rows):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        cast = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else weight.dtype
+        acc = torch.promote_types(weight.dtype, torch.float32)  # softmax and sums: fp32 at least
+        w, scale = weight.to(cast), scale.to(acc)
+        d_hidden = torch.empty_like(hidden) if need_h else None
+        d_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk_rows):
+                h, t = hidden[s:s + chunk_rows].to(cast), targets[s:s + chunk_rows, None]
+                weight_of_row = (t != IGNORE).to(acc) * scale   # 0 for unlabelled rows
+                t = t.clamp(min=0)
+                z = (h @ w.t()).to(acc)
+                picked = z.gather(1, t)
+                top = z.amax(dim=-1, keepdim=True)
+                z = z.sub_(top).exp_()                          # in place: the logits are not needed again
+                sum_exp = z.sum(dim=-1, keepdim=True)
+                total += ((top + sum_exp.log() - picked) * weight_of_row).sum()  # log-sum-exp - target logit
+                if need_h or need_w:
+                    grad = z.mul_(weight_of_row / sum_exp)      # scale * softmax ...
+                    grad.scatter_add_(1, t, -weight_of_row)     # ... - scale * one-hot
+                    grad = grad.to(cast)
+                    if need_h:
+                        d_hidden[s:s + chunk_rows] = grad @ w
+                    if need_w:
+                        if cast == acc:
+                            d_weight.addmm_(grad.t(), h)
+                        else:
+                            d_weight += (grad.t() @ h).to(acc)
+        ctx.save_for_backward(d_hidden, d_weight.to(weight.dtype) if need_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        d_hidden, d_weight = ctx.saved_tensors
+        return (d_hidden * grad_out if d_hidden is not None else None,
+                d_weight * grad_out if d_weight is not None else None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         reduction: str = "mean", chunk_rows: int = 0) -> torch.Tensor:
+    """Cross-entropy of the LM head `weight` (V, d) applied to `hidden` (..., d) against `labels` (...), over the
+    labelled positions (not IGNORE): their mean or sum. The same value and gradients as
+    `lm_loss(hidden @ weight.T, labels)` without materialising the logits (see _LinearCrossEntropy).
+    chunk_rows: rows per chunk (0: about 8 MB of fp32 logits per chunk)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+    labels, hidden = labels.reshape(-1), hidden.reshape(-1, hidden.shape[-1])
+    keep = labels != IGNORE
+    n = keep.sum()
+    # Only labelled rows go through the head (SFT: the responses). Under torch.compile the rows stay (a
+    # data-dependent shape would break the graph); the loss masks them.
+    if not torch.compiler.is_compiling() and int(n) < len(labels):
+        hidden, labels = hidden[keep], labels[keep]
+    scale = (1.0 / n.clamp(min=1).float()) if reduction == "mean" else torch.ones((), device=hidden.device)
+    chunk = chunk_rows or max(64, (1 << 21) // weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, labels, scale, chunk)

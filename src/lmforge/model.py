@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from lmforge.errors import LmforgeError
+from lmforge.losses import linear_cross_entropy
 
 
 @dataclass
@@ -348,11 +349,18 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, cache=None,
-                head_at: tuple[torch.Tensor, torch.Tensor] | None = None):
+                head_at: tuple[torch.Tensor, torch.Tensor] | None = None, labels: torch.Tensor | None = None,
+                reduction: str = "mean"):
         """LM logits (B, T, V) for an LM head, else scalar scores (B, T). head_at=(rows, cols): the head only at
         those positions, (N, V) or (N,) (a wide LM head on every position is wasted work when few are needed;
-        through forward, unlike hidden_states, DDP sees the call)."""
+        through forward, unlike hidden_states, DDP sees the call). labels (B, T), already aligned with the
+        positions that predict them (IGNORE elsewhere): instead of logits, the LM head's cross-entropy over the
+        labelled positions, their mean or sum, without materialising the logits (losses.linear_cross_entropy)."""
         h = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache)
+        if labels is not None:
+            if self.head == "scalar":
+                raise ValueError("labels need an LM head")
+            return linear_cross_entropy(h, self.lm_head.weight, labels, reduction)
         if head_at is not None:
             h = h[head_at]
         if self.head == "scalar":

@@ -80,7 +80,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = {"fused": True} if next(model.parameters()).is_cuda else {}
+    # The fused kernel: one pass per tensor instead of ~8 ops (on a 2-core CPU 4-5x faster than the for-loop
+    # default, ~15% of a small model's step before; on CUDA what nanoGPT and nanochat use).
+    kwargs = {"fused": True} if next(model.parameters()).device.type in ("cuda", "cpu") else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 
 

@@ -39,7 +39,6 @@ from lmforge.checkpoint import (
 from lmforge.cli import Command, Flag
 from lmforge.config import to_dict
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.losses import lm_loss
 from lmforge.rundir import RunDir
 from lmforge.stage import Stage, StageContext
 from lmforge.generation import SamplingParams
@@ -346,7 +345,7 @@ class PPOTrainer(RLTrainer):
 
     def ptx_loss(self, ids: torch.Tensor) -> torch.Tensor:
         """The pretraining objective on full (unpadded) windows: mean next-token cross-entropy."""
-        return lm_loss(self.actor(ids)[:, :-1], ids[:, 1:])
+        return self.actor(ids[:, :-1], labels=ids[:, 1:])  # the fused LM-head cross-entropy
 
     def optimizer_step(self) -> dict:
         """Clip, step both optimizers on the schedule, update the EMA; returns grad norms and learning rates."""

@@ -26,7 +26,7 @@ from lmforge.cli import Command, Flag
 from lmforge.config import to_dict
 from lmforge.data import TokenShards, read_manifest
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.losses import IGNORE, lm_loss
+from lmforge.losses import IGNORE
 from lmforge.model import ModelConfig, Transformer
 from lmforge.rundir import RunDir
 from lmforge.stage import Stage, StageContext
@@ -274,7 +274,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = Tru
 
     def loss_fn(m, batch):
         x, y = batch
-        return lm_loss(m(x), y), {}, x.numel()
+        return m(x, labels=y), {}, x.numel()   # the fused LM-head cross-entropy (no (B, T, V) logits kept)
 
     def evaluate_hook(m, step):
         metrics = evaluate(m, val, cfg, special, mask_id, token_bytes, device)

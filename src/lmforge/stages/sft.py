@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.chat import record_to_messages, render, render_prompt, stop_ids
 from lmforge.checkpoint import estimate_bytes, load_model, read_config, save_checkpoint
@@ -297,11 +298,22 @@ def batch_nll(model, batch: dict) -> torch.Tensor:
     return token_nll(logits, batch["labels"].to(dev))
 
 
+def batch_nll_sum(model, batch: dict) -> torch.Tensor:
+    """The summed NLL of a batch's labelled tokens, through the fused LM-head cross-entropy: the head runs on
+    the response positions only and no logits are stored (batch_nll's value, summed)."""
+    dev = next(model.parameters()).device
+    labels = batch["labels"].to(dev)
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # the hidden state at t predicts token t + 1
+    return model(batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                 position_ids=batch["position_ids"].to(dev) if "position_ids" in batch else None,
+                 segment_ids=batch["segment_ids"].to(dev) if "segment_ids" in batch else None,
+                 labels=targets, reduction="sum")
+
+
 def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict, int]:
     """LoopHooks.loss: summed response-token NLL times the batch's scale; counts real (non-pad) tokens."""
-    nll = batch_nll(model, batch)
     n_resp = int((batch["labels"] != IGNORE).sum())
-    return nll.sum() * batch["scale"], {"response_tokens": n_resp}, int(batch["attention_mask"].sum())
+    return batch_nll_sum(model, batch) * batch["scale"], {"response_tokens": n_resp}, int(batch["attention_mask"].sum())
 
 
 @torch.no_grad()
@@ -310,7 +322,7 @@ def evaluate_loss(model, examples: list[tuple], batch_size: int, pad_id: int) ->
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = pad_batch(examples[i:i + batch_size], pad_id)
-        total += float(batch_nll(model, batch).sum())
+        total += float(batch_nll_sum(model, batch))
         count += int((batch["labels"] != IGNORE).sum())
     return total / max(count, 1), count
 

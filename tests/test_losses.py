@@ -1,0 +1,107 @@
+"""The fused LM-head cross-entropy against the plain path (logits, then F.cross_entropy) and a hand computation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.losses import IGNORE, linear_cross_entropy, lm_loss
+from lmforge.model import ModelConfig, Transformer
+
+
+def _inputs(n=37, d=8, v=29, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(v, d, generator=g, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::5] = IGNORE
+    return hidden, weight, labels
+
+
+def test_value_is_the_hand_computed_mean_nll():
+    hidden, weight, labels = _inputs(n=6, d=3, v=5)
+    terms = []
+    for i in range(6):
+        if labels[i] != IGNORE:
+            z = hidden[i] @ weight.T
+            terms.append(torch.log(torch.exp(z).sum()) - z[labels[i]])
+    want = torch.stack(terms).mean()
+    assert torch.allclose(linear_cross_entropy(hidden, weight, labels), want, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 7, 64])   # chunks of one row, uneven last chunk, one chunk
+def test_value_and_gradients_equal_the_unfused_path(reduction, chunk_rows):
+    hidden, weight, labels = _inputs()
+    ref = F.cross_entropy(hidden @ weight.T, labels, ignore_index=IGNORE, reduction=reduction)
+    g_ref = torch.autograd.grad(ref * 0.37, (hidden, weight))  # a grad_output other than 1 (grad accumulation)
+    got = linear_cross_entropy(hidden, weight, labels, reduction, chunk_rows=chunk_rows)
+    g_got = torch.autograd.grad(got * 0.37, (hidden, weight))
+    assert torch.allclose(got, ref, atol=1e-12)
+    for a, b in zip(g_got, g_ref):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert (g_got[0][labels == IGNORE] == 0).all()  # unlabelled rows get no gradient
+
+
+def test_fp32_matches_fp64_reference_and_extreme_logits_stay_finite():
+    hidden, weight, labels = _inputs(n=64, d=16, v=50, dtype=torch.float32)
+    with torch.no_grad():
+        hidden.mul_(30)  # logits in the hundreds: exp() would overflow without the max subtraction
+    got = linear_cross_entropy(hidden, weight, labels, chunk_rows=16)
+    gh, gw = torch.autograd.grad(got, (hidden, weight))
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = F.cross_entropy(h64 @ w64.T, labels, ignore_index=IGNORE)
+    rh, rw = torch.autograd.grad(ref, (h64, w64))
+    assert torch.isfinite(got) and torch.allclose(got.double(), ref, rtol=1e-5)
+    assert torch.allclose(gh.double(), rh, atol=1e-5) and torch.allclose(gw.double(), rw, atol=1e-5)
+
+
+def test_frozen_weight_or_no_grad_computes_only_what_is_needed():
+    hidden, weight, labels = _inputs()
+    frozen = weight.detach()
+    loss = linear_cross_entropy(hidden, frozen, labels)
+    (gh,) = torch.autograd.grad(loss, hidden)
+    ref = torch.autograd.grad(F.cross_entropy(hidden @ frozen.T, labels, ignore_index=IGNORE), hidden)[0]
+    assert torch.allclose(gh, ref, atol=1e-12)
+    with torch.no_grad():
+        value = linear_cross_entropy(hidden, weight, labels)
+    assert not value.requires_grad and torch.allclose(value, loss, atol=1e-12)
+
+
+def test_all_positions_unlabelled_gives_zero_and_no_nan():
+    hidden, weight, _ = _inputs(n=5)
+    labels = torch.full((5,), IGNORE)
+    loss = linear_cross_entropy(hidden, weight, labels)
+    loss.backward()
+    assert loss.item() == 0 and (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_transformer_labels_path_equals_logits_then_lm_loss(tied):
+    cfg = ModelConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    x = torch.randint(0, 61, (3, 12))
+    labels = torch.randint(0, 61, (3, 12))
+    labels[0, :4] = IGNORE
+    ref = lm_loss(model(x), labels)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    got = model(x, labels=labels)
+    got_grads = torch.autograd.grad(got, list(model.parameters()))
+    assert torch.allclose(got, ref, atol=1e-6)
+    for (name, _), a, b in zip(model.named_parameters(), got_grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_unlabelled_rows_inside_the_fused_function_are_masked():
+    """Under torch.compile linear_cross_entropy keeps unlabelled rows (no data-dependent shapes): the
+    autograd function itself must give them no loss and no gradient."""
+    from lmforge.losses import _LinearCrossEntropy
+
+    hidden, weight, labels = _inputs()
+    n = (labels != IGNORE).sum()
+    got = _LinearCrossEntropy.apply(hidden, weight, labels, 1.0 / n.double(), 8)
+    ref = F.cross_entropy(hidden @ weight.T, labels, ignore_index=IGNORE)
+    assert torch.allclose(got, ref, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(ref, (hidden, weight))):
+        assert torch.allclose(a, b, atol=1e-12)
