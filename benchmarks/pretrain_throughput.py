@@ -8,11 +8,13 @@ lmforge.training). On a busy machine the best step / best matmul ratio is the st
     python benchmarks/pretrain_throughput.py                       # CPU, 6 layers x 384 wide, seq 256
     python benchmarks/pretrain_throughput.py --device cuda --compile --batch-size 64
     python benchmarks/pretrain_throughput.py --profile             # torch.profiler table of the hot ops
+    python benchmarks/pretrain_throughput.py --compete 1           # then again beside a CPU-bound process
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -60,6 +62,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("--unfused", action="store_true", help="full (B, T, V) logits, then F.cross_entropy")
+    p.add_argument("--compete", type=int, default=0,
+                   help="after the quiet steps, time as many again beside this many busy-looping processes")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
     args = p.parse_args()
 
@@ -135,6 +139,27 @@ def main() -> None:
     if device.type == "cuda":
         print(f"measured bf16 8192^3 matmul: {measured / 1e12:.0f} TFLOP/s; achieved / measured = {tokens * fpt / dt / measured:.3f}")
 
+    if args.compete:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        rivals = [ctx.Process(target=_busy_loop, daemon=True) for _ in range(args.compete)]
+        for r in rivals:
+            r.start()
+        time.sleep(1.0)  # let the rivals start spinning
+        busy = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            busy.append(time.perf_counter() - t0)
+        for r in rivals:
+            r.terminate()
+        print(f"beside {args.compete} busy process(es): step time median {statistics.median(busy) * 1e3:.1f} ms "
+              f"= {tokens / statistics.median(busy):,.0f} tokens/s; busy / quiet throughput "
+              f"{dt / statistics.median(busy):.2f} (threads {torch.get_num_threads()}, OMP_WAIT_POLICY "
+              f"{os.environ.get('OMP_WAIT_POLICY', 'unset')})")
+
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -144,6 +169,12 @@ def main() -> None:
             _sync(device)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
+def _busy_loop() -> None:
+    """A CPU-bound rival (what a user's other work does to a laptop)."""
+    while True:
+        pass
 
 
 if __name__ == "__main__":

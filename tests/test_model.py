@@ -80,6 +80,32 @@ def test_kv_cache_greedy_equals_no_cache_greedy():
         assert seq[len(p):] == toks
 
 
+
+def test_rows_that_stop_early_leave_the_batch_without_changing_any_row():
+    """generate drops finished rows from the batch (and the KV cache) as it goes: each row's tokens, log-probs
+    and streamed tokens must be what that row gives alone with the same uniforms."""
+    model = _model()
+    torch.manual_seed(1)
+    prompts = [[1, 5, 9, 33], [1, 7], [1, 40, 41, 42, 43, 44], [1, 8, 8], [1, 3, 300, 2, 5], [1, 60]]
+    stops = [int(t) for t in torch.randperm(400)[:40]]  # many stop ids: rows end at many different steps
+    params = SamplingParams(max_new_tokens=16, temperature=1.0)
+    uniforms = torch.rand(len(prompts), 16, dtype=torch.float64)
+    streamed = {i: [] for i in range(len(prompts))}
+
+    def on_tokens(t, toks, active):
+        for i in range(len(prompts)):
+            if active[i]:
+                streamed[i].append(int(toks[i]))
+
+    out = generate(model, prompts, params, stops, pad_id=0, uniforms=uniforms, on_tokens=on_tokens)
+    lengths = sorted(len(t) for t in out.tokens)
+    assert lengths[0] < 8 and lengths[-1] > lengths[0]  # some rows left early while others went on
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], params, stops, pad_id=0, uniforms=uniforms[i:i + 1])
+        assert out.tokens[i] == alone.tokens[0] == streamed[i]
+        assert out.finished[i] == alone.finished[0]
+        assert torch.allclose(torch.tensor(out.logprobs[i]), torch.tensor(alone.logprobs[0]), atol=1e-5)
+
 def test_segment_mask_blocks_cross_record_attention():
     seg = torch.tensor([[0, 0, 1, 1, 1]])
     m = build_attention_mask(None, 5, 0, True, seg)[0, 0]

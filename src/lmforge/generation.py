@@ -83,9 +83,12 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     tokens = torch.full((B, max(max_new, 0)), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros((B, max(max_new, 0)), device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
+    if uniforms is not None:
+        uniforms = uniforms.to(device=device, dtype=torch.float64)
+    rows = torch.arange(B, device=device)  # the batch rows still being decoded (finished rows leave)
     was_training = model.training
     model.eval()
-    logits = model(ids, attention_mask=mask, cache=cache)[:, -1].float()
+    logits = model(ids, attention_mask=mask, cache=cache, head_at=(rows, torch.full_like(rows, P - 1))).float()
     for t in range(max_new):
         if params.temperature > 0:
             scaled = logits / params.temperature
@@ -95,20 +98,26 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             else:
                 cdf = probs.double().cumsum(-1)
-                u = uniforms[:, t].to(device=device, dtype=torch.float64)
+                u = uniforms[rows, t]
                 nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # skips p = 0 tokens
         else:
             logp_all = F.log_softmax(logits, dim=-1)
             nxt = logits.argmax(-1)
         nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
-        tokens[:, t] = nxt
-        logps[:, t] = logp_all.gather(-1, nxt[:, None]).squeeze(-1) * active
-        lengths += active.long()
+        tokens[rows, t] = nxt
+        logps[rows, t] = logp_all.gather(-1, nxt[:, None]).squeeze(-1) * active
+        lengths[rows] += active.long()
         if on_tokens is not None:
-            on_tokens(t, nxt, active)
+            step_tokens = torch.full((B,), pad_id, dtype=torch.long, device=device).index_copy_(0, rows, nxt)
+            on_tokens(t, step_tokens, torch.zeros(B, dtype=torch.bool, device=device).index_copy_(0, rows, active))
         active = active & ~torch.isin(nxt, stop)
-        if not active.any() or t == max_new - 1:
+        n_active = int(active.sum())
+        if n_active == 0 or t == max_new - 1:
             break
+        if n_active <= 3 * len(rows) // 4:  # drop finished rows: later steps decode only the live ones
+            keep = active.nonzero()[:, 0]
+            rows, active, nxt, mask = rows[keep], active[keep], nxt[keep], mask[keep]
+            cache.select(keep)
         mask = torch.cat([mask, active.long()[:, None]], dim=1)
         logits = model(nxt[:, None], attention_mask=mask, cache=cache)[:, -1].float()
     model.train(was_training)
