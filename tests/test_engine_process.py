@@ -77,3 +77,20 @@ def test_a_dead_engine_process_fails_its_requests_and_refuses_new_ones(checkpoin
 def test_a_checkpoint_that_does_not_load_is_one_error(tmp_path):
     with pytest.raises(LmforgeError, match="nowhere"):
         EngineProcess(str(tmp_path / "nowhere"))
+
+
+def test_threads_sets_the_engine_process_torch_threads_and_keeps_its_tokens(checkpoint):
+    """`lmforge serve threads=1`: the child decodes on one torch thread (the default is torch's choice), and
+    greedy tokens are those of the in-process engine."""
+    model, tok, _ = load_model(checkpoint)
+    local = Engine(model, tok, max_batch=2)
+    want = local.submit([5, 6, 7], SamplingParams(10, 0.0))
+    local.run_until_idle()
+    eng = EngineProcess(str(checkpoint), max_batch=2, threads=1)
+    try:
+        eng.start()
+        assert eng.threads == 1
+        got = eng.submit([5, 6, 7], SamplingParams(10, 0.0))
+        assert got.wait(30) and got.tokens == want.tokens
+    finally:
+        eng.stop()

@@ -42,13 +42,14 @@ class EngineProcess:
     with the child's message if it cannot); `start()` begins relaying events, `stop()` ends the process."""
 
     def __init__(self, path: str, device: str = "cpu", max_batch: int = 8, max_queue: int = 64,
-                 waiting_served_ratio: float = 0.3, max_waiting_steps: int = 20, wait: bool = True):
+                 waiting_served_ratio: float = 0.3, max_waiting_steps: int = 20, wait: bool = True,
+                 threads: int = 0):
         ctx = mp.get_context("spawn")  # never fork a process that holds torch's thread pools
         self.path, self.max_batch, self.max_queue = path, max_batch, max_queue
         self._conn, child = ctx.Pipe()
         settings = {"max_batch": max_batch, "waiting_served_ratio": waiting_served_ratio,
                     "max_waiting_steps": max_waiting_steps}
-        self._proc = ctx.Process(target=_child_main, args=(child, path, device, settings), daemon=True,
+        self._proc = ctx.Process(target=_child_main, args=(child, path, device, settings, threads), daemon=True,
                                  name="lmforge-engine")
         self._proc.start()
         child.close()  # the child's end lives in the child only, so its exit reads as EOF here
@@ -79,7 +80,7 @@ class EngineProcess:
             raise LmforgeError(payload)
         import tokenizers
 
-        tok_json, tok_config, self.vocab_size, self.context = payload
+        tok_json, tok_config, self.vocab_size, self.context, self.threads = payload
         self.tok = Tokenizer(tokenizers.Tokenizer.from_str(tok_json), tok_config, source=self.path)
 
     @property
@@ -175,10 +176,14 @@ class EngineProcess:
             self._deliver(req, TokenEvent(None, 0.0, True, reason))
 
 
-def _child_main(conn, path: str, device: str, settings: dict) -> None:
+def _child_main(conn, path: str, device: str, settings: dict, threads: int = 0) -> None:
     """The engine process: load, report ("ready", ...) or ("error", message), then step and relay until told
-    to stop or the parent goes away."""
+    to stop or the parent goes away. threads > 0: torch's CPU threads in this process."""
     try:
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
         from lmforge.checkpoint import load_causal_lm
         from lmforge.engine import Engine
         from lmforge.training import pick_device
@@ -194,7 +199,10 @@ def _child_main(conn, path: str, device: str, settings: dict) -> None:
     except Exception as e:  # an unexpected failure still reaches the user as one line
         conn.send(("error", f"{path}: could not load the model: {type(e).__name__}: {e}"))
         return
-    conn.send(("ready", (tok.hf.to_str(), tok.config, model.config.vocab_size, engine.context)))
+    import torch
+
+    conn.send(("ready", (tok.hf.to_str(), tok.config, model.config.vocab_size, engine.context,
+                         torch.get_num_threads())))
 
     out: list[tuple[str, TokenEvent]] = []
     try:
