@@ -16,7 +16,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.losses import IGNORE
 from lmforge.stages.sft import (SFTBatches, SFTConfig, answer, encode_example, encode_records, pack_rows,
-                         packed_batch, pad_batch, read_sft_records, run_sft, sft_loss, batch_nll)
+                         packed_batch, pad_batch, read_sft_records, run_sft, sft_loss, batch_nll, batch_nll_sum)
 from tests.conftest import tiny_config
 
 
@@ -173,6 +173,23 @@ def test_packing_gives_the_same_per_record_loss_as_padding(tok):
         torch.testing.assert_close(per_token, padded[i, :len(x)], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(per_token, alone[i], atol=1e-5, rtol=1e-5)
         assert float(per_token.sum()) > 0 and (per_token[torch.tensor(y) == IGNORE] == 0).all()
+
+
+def test_the_training_loss_sums_the_per_token_nll_of_padded_and_packed_batches(tok):
+    """sft_loss goes through the fused LM-head cross-entropy (labels shifted by one, head on labelled rows only):
+    its sum equals batch_nll's (full logits, then the labelled tokens), and so do the gradients."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(tok.vocab_size, init_std=0.3))
+    examples = _examples(tok)
+    rows = pack_rows([len(x) for x, _ in examples], list(range(len(examples))), capacity=64)
+    for batch in (pad_batch(examples, tok.special.pad), packed_batch(examples, rows, tok.special.pad)):
+        fused = batch_nll_sum(model, batch)
+        g_fused = torch.autograd.grad(fused, list(model.parameters()))
+        plain = batch_nll(model, batch).sum()
+        g_plain = torch.autograd.grad(plain, list(model.parameters()))
+        torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-5)
+        for a, b in zip(g_fused, g_plain):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_batches_are_epoch_permutations_and_a_function_of_the_step(tok):
