@@ -105,3 +105,18 @@ def test_unlabelled_rows_inside_the_fused_function_are_masked():
     assert torch.allclose(got, ref, atol=1e-12)
     for a, b in zip(torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(ref, (hidden, weight))):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_under_bf16_autocast_matmuls_run_in_bf16_and_softmax_and_gradients_stay_fp32():
+    """The CUDA path (bf16 autocast), exercised with CPU autocast: the head's matmuls in bf16 as autocast would
+    run them, log-sum-exp and softmax in fp32, gradients returned in the parameters' fp32."""
+    hidden, weight, labels = _inputs(n=300, d=64, v=500, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(hidden, weight, labels, chunk_rows=128)
+    gh, gw = torch.autograd.grad(got, (hidden, weight))
+    ref = F.cross_entropy((hidden.bfloat16() @ weight.bfloat16().T).float(), labels, ignore_index=IGNORE)
+    rh, rw = torch.autograd.grad(ref, (hidden, weight))
+    assert got.dtype == gh.dtype == gw.dtype == torch.float32
+    assert torch.allclose(got, ref, rtol=1e-5)
+    assert torch.allclose(gh, rh, atol=1e-3 * rh.abs().max().item())
+    assert torch.allclose(gw, rw, atol=1e-2 * rw.abs().max().item())  # bf16 outputs per chunk vs one matmul
