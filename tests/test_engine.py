@@ -98,6 +98,15 @@ def test_sample_follows_the_filtered_distribution():
     assert draws[(0, 0.7)][2:].sum() == 0 and draws[(0, 0.7)][1] > 0.2  # nucleus {0, 1}: p0 = 0.67 < 0.7
     greedy, _ = sample(logits.repeat(2, 1), [SamplingParams(temperature=0.0), SamplingParams(top_k=1)], [0.5, 0.9])
     assert greedy == [0, 0]
+    # One batch of greedy, plain and filtered rows: each row's token and log-prob as if it were alone.
+    mixed = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_p=0.7)]
+    u = [0.3, 0.95, 0.9]
+    tokens, logps = sample(logits.repeat(3, 1), mixed, u)
+    for i, params in enumerate(mixed):
+        alone_tok, alone_lp = sample(logits, [params], [u[i]])
+        assert tokens[i] == alone_tok[0] and logps[i] == pytest.approx(alone_lp[0], abs=1e-6)
+        assert logps[i] == pytest.approx(float(torch.log_softmax(logits[0] / (params.temperature or 1.0), -1)[tokens[i]]),
+                                         abs=1e-5)
 
 
 def test_cancel_frees_the_slot_and_others_finish():

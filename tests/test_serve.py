@@ -2,6 +2,7 @@
 (and raw HTTP where the client would hide the status): chat, streaming, completions, several models, n, stop
 strings, seeds, logprobs, 32 parallel streams, client disconnects, and every error answered in OpenAI's shape."""
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,7 +17,7 @@ except ImportError:  # some openai builds ship the same client as httpx2
 from lmforge import chat  # noqa: E402
 from lmforge.checkpoint import load_model  # noqa: E402
 from lmforge.generation import SamplingParams, generate  # noqa: E402
-from lmforge.serve import ServeConfig, create_app, load_models, parse_model_spec  # noqa: E402
+from lmforge.serve import ServeConfig, create_app, engine_threads, load_models, parse_model_spec  # noqa: E402
 from tests import http_server  # noqa: E402
 
 KEY = "sk-test-key"
@@ -266,3 +267,13 @@ def test_a_crashed_engine_answers_503_and_the_server_stays_up(checkpoints):
         reply = srv.client().chat.completions.create(model="long", messages=HI, max_tokens=4)
         assert reply.usage.completion_tokens >= 1  # the other model still answers
         assert httpx.get(srv.base + "/health").status_code == 200
+
+
+def test_engine_threads_spare_a_core_for_the_http_server(checkpoints):
+    assert [engine_threads(0, 1, c) for c in (1, 2, 4, 8)] == [1, 1, 3, 7]
+    assert engine_threads(0, 3, 8) == 2 and engine_threads(0, 5, 2) == 1 and engine_threads(4, 5, 2) == 4
+    served = load_models(ServeConfig(model=[str(checkpoints / "long")], device="cpu"))  # threads=0: auto
+    try:  # what the engine process itself reports
+        assert served["long"].engine.threads == engine_threads(0, 1, len(os.sched_getaffinity(0)))
+    finally:
+        served["long"].engine.stop()

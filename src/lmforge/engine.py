@@ -160,20 +160,28 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
     logits = logits.float()
     temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
     scaled = logits / temps[:, None]
-    nxt = scaled.argmax(-1)  # greedy rows
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    all_sampled = len(rows) == len(params)
+    # Greedy rows take the argmax; when every row samples, the pass over the vocabulary is skipped.
+    nxt = torch.empty(len(params), dtype=torch.long, device=logits.device) if all_sampled else scaled.argmax(-1)
+    logp = None
     if rows:
         groups: dict[tuple[int, float], list[int]] = {}
         for j, i in enumerate(rows):
             groups.setdefault((params[i].top_k, params[i].top_p), []).append(j)
-        filtered = scaled[rows] if len(rows) < len(params) else scaled.clone()
+        filtering = any(top_k or top_p < 1.0 for top_k, top_p in groups)
+        filtered = scaled[rows] if not all_sampled else scaled.clone() if filtering else scaled
         for (top_k, top_p), idx in groups.items():
             if top_k or top_p < 1.0:
                 filtered[idx] = filter_logits(filtered[idx], top_k, top_p)
-        cdf = F.softmax(filtered, dim=-1).double().cumsum(-1)
+        probs = F.softmax(filtered, dim=-1)
+        cdf = probs.double().cumsum(-1)
         u = torch.tensor([uniforms[i] for i in rows], dtype=torch.float64, device=logits.device)
         nxt[rows] = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # skips p = 0 tokens
-    logp = F.log_softmax(scaled, dim=-1).gather(-1, nxt[:, None])[:, 0]
+        if all_sampled and not filtering:  # probs is softmax(logits / T) itself: no log-softmax pass needed
+            logp = probs.gather(-1, nxt[:, None])[:, 0].log().clamp(max=0.0)
+    if logp is None:
+        logp = F.log_softmax(scaled, dim=-1).gather(-1, nxt[:, None])[:, 0]
     return nxt.tolist(), logp.tolist()
 
 
