@@ -55,6 +55,26 @@ def test_fp32_matches_fp64_reference_and_extreme_logits_stay_finite():
     assert torch.allclose(gh.double(), rh, atol=1e-5) and torch.allclose(gw.double(), rw, atol=1e-5)
 
 
+def _matmuls(fn) -> int:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm_", "aten::addmm"))
+
+
+def test_gradient_matmuls_run_only_for_inputs_that_need_them():
+    """Per chunk: one matmul for the logits, one per input that needs a gradient; none for gradients under
+    no_grad (evaluation), although autograd's needs_input_grad does not see no_grad."""
+    hidden, weight, labels = _inputs(n=32, d=8, v=29, dtype=torch.float32)
+    labels[:] = 3  # every row labelled: 4 chunks of 8
+    run = lambda h, w: linear_cross_entropy(h, w, labels, chunk_rows=8)  # noqa: E731
+    assert _matmuls(lambda: run(hidden, weight)) == 4 * 3
+    assert _matmuls(lambda: run(hidden, weight.detach())) == 4 * 2
+    with torch.no_grad():
+        assert _matmuls(lambda: run(hidden, weight)) == 4
+
+
 def test_frozen_weight_or_no_grad_computes_only_what_is_needed():
     hidden, weight, labels = _inputs()
     frozen = weight.detach()

@@ -60,6 +60,7 @@ class EngineProcess:
         self._dead = False
         self._reader: threading.Thread | None = None
         self.tok: Tokenizer | None = None
+        self.threads = 0  # torch threads in the child, as it reports once loaded
         if wait:
             self.wait_loaded()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 IGNORE = -100  # the label of positions without a loss (F.cross_entropy's ignore_index)
 
@@ -78,6 +79,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable  # the gradients were computed in the forward: they have no graph of their own
     def backward(ctx, grad_out):
         d_hidden, d_weight = ctx.saved_tensors
         return (d_hidden * grad_out if d_hidden is not None else None,
@@ -89,9 +91,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """Cross-entropy of the LM head `weight` (V, d) applied to `hidden` (..., d) against `labels` (...), over the
     labelled positions (not IGNORE): their mean or sum. The same value and gradients as
     `lm_loss(hidden @ weight.T, labels)` without materialising the logits (see _LinearCrossEntropy).
-    chunk_rows: rows per chunk (0: about 8 MB of fp32 logits per chunk)."""
+    chunk_rows: rows per chunk (0: about 8 MB of fp32 logits per chunk on a CPU, where they stay in cache; 256 MB
+    on a GPU, where fewer, larger kernels matter more)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+    if not torch.is_grad_enabled():  # evaluation: no gradients to fold in (needs_input_grad ignores no_grad)
+        hidden, weight = hidden.detach(), weight.detach()
     labels, hidden = labels.reshape(-1), hidden.reshape(-1, hidden.shape[-1])
     keep = labels != IGNORE
     n = keep.sum()
@@ -100,5 +105,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if not torch.compiler.is_compiling() and int(n) < len(labels):
         hidden, labels = hidden[keep], labels[keep]
     scale = (1.0 / n.clamp(min=1).float()) if reduction == "mean" else torch.ones((), device=hidden.device)
-    chunk = chunk_rows or max(64, (1 << 21) // weight.shape[0])
+    chunk = chunk_rows or max(64, (1 << (21 if hidden.device.type == "cpu" else 26)) // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, labels, scale, chunk)

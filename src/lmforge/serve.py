@@ -89,7 +89,7 @@ class ServeConfig:
         if self.max_waiting_steps < 0:
             raise ConfigError("max_waiting_steps", "must be >= 0")
         if self.threads < 0:
-            raise ConfigError("threads", "must be >= 0 (0: torch's default)")
+            raise ConfigError("threads", "must be >= 0 (0: auto, the cores but one shared by the models)")
         if not 0 <= self.port < 65536:
             raise ConfigError("port", "must be in [0, 65535]")
         names = [name for name, _ in map(parse_model_spec, self.model)]
