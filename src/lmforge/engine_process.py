@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing as mp
+import os
 import threading
 import traceback
 from collections.abc import Callable, Sequence
@@ -35,6 +36,15 @@ log = logging.getLogger(__name__)
 
 class EngineStopped(RuntimeError):
     """The engine process has exited (crashed or stopped): it takes no more requests (a server answers 503)."""
+
+
+def engine_threads(threads: int, n_models: int, cores: int | None = None) -> int:
+    """torch threads for each engine process: `threads` if set, else the cores but one shared by the models, at
+    least 1. The spared core is the HTTP server's: beside a busy server, an engine's OpenMP threads keep waiting
+    for the one that shares its core (on 2 cores, 1 engine thread served 32 clients 20-40% faster than 2)."""
+    if cores is None:  # the cores this process may run on
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return threads or max(1, (cores - 1) // max(1, n_models))
 
 
 class EngineProcess:

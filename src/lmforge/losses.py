@@ -1,4 +1,6 @@
-"""The language-modelling loss, shared by pretraining, SFT and PPO-ptx, and its one ignore label.
+"""The language-modelling loss and its one ignore label: `linear_cross_entropy` (the fused LM head and loss that
+pretraining, SFT and PPO-ptx train with) and the plain versions over materialised logits (`lm_loss`,
+`token_nll`: per-token values for evaluation and the reference the fused one is tested against).
 
 Log-softmax runs in fp32 even under bf16 autocast: the loss of a large vocabulary loses precision otherwise.
 """

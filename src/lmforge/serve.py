@@ -33,7 +33,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import time
 import uuid
 import weakref
@@ -52,7 +51,7 @@ from starlette.exceptions import HTTPException
 from lmforge import chat
 from lmforge.cli import Command, Flag
 from lmforge.engine import Engine, QueueFull, TokenEvent
-from lmforge.engine_process import EngineProcess, EngineStopped
+from lmforge.engine_process import EngineProcess, EngineStopped, engine_threads
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.generation import SamplingParams, Utf8Streamer
 from lmforge.tokenizer import Tokenizer
@@ -74,7 +73,7 @@ class ServeConfig:
     waiting_served_ratio: float = 0.3  # while decoding, waiting requests join once they are this x the running ones
     max_waiting_steps: int = 20     # ... or after this many decode steps (TGI's policy: batched prefills)
     engine_process: bool = True     # decode in a process of its own (False: on a thread of the server's process)
-    threads: int = 0                # torch CPU threads per engine process (0: auto, see engine_threads)
+    threads: int = 0                # torch CPU threads per engine process (0: auto, engine_process.engine_threads)
     device: str = "auto"
 
     def validate(self) -> None:
@@ -116,13 +115,6 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def engine_threads(threads: int, n_models: int, cores: int) -> int:
-    """torch threads for each engine process: `threads` if set, else the cores but one shared by the models, at
-    least 1. The spared core is the HTTP server's: beside a busy server, an engine's OpenMP threads keep waiting
-    for the one that shares its core (on 2 cores, 1 engine thread served 32 clients ~40% faster than 2)."""
-    return threads or max(1, (cores - 1) // max(1, n_models))
-
-
 def load_models(cfg: ServeConfig) -> dict[str, ServedModel]:
     """Load every checkpoint of the config and build its (not yet started) engine: in a process of its own
     (`engine_process`, the default: see lmforge.engine_process) or on a thread of this one."""
@@ -133,8 +125,7 @@ def load_models(cfg: ServeConfig) -> dict[str, ServedModel]:
     settings = {"max_batch": cfg.max_batch, "max_queue": cfg.max_queue,
                 "waiting_served_ratio": cfg.waiting_served_ratio, "max_waiting_steps": cfg.max_waiting_steps}
     engines: dict[str, Engine | EngineProcess] = {}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = engine_threads(cfg.threads, len(cfg.model), cores)
+    threads = engine_threads(cfg.threads, len(cfg.model))
     if cfg.threads and not cfg.engine_process:  # the engines decode on threads of this process
         import torch
 
