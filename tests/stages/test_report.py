@@ -145,3 +145,5 @@ def test_the_wall_time_table_shows_each_training_stage_s_tokens_per_second_and_m
     assert "| stage | seconds | tokens/s | MFU |" in md
     assert "| pretrain | 12.0 | 2,000 | 50% |" in md and "| ppo | 4.0 | 700 (rollout) | – |" in md
     assert "| label | 0.5 | – | – |" in md
+    wall = md[md.index("## Wall time"):]
+    assert wall.index("| pretrain |") < wall.index("| label |") < wall.index("| ppo |")  # run order, not by name

@@ -292,12 +292,20 @@ def training_speed(records: list[dict]) -> dict:
     return {}
 
 
+def pipeline_order(names: list[str]) -> list[str]:
+    """Stage names in the order `lmforge run` runs them (its stage table), unknown names after, by name."""
+    from lmforge.pipeline import STAGES  # here, not at the top: the pipeline's table imports this stage
+
+    rank = {s.name: i for i, s in enumerate(STAGES)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+
 def report_from_run(cfg: ReportConfig) -> dict:
     """Rebuild report.md / report.json / plots of a run directory from its stages' stage.json files."""
     run = Path(cfg.run)
     if not run.is_dir():
         raise LmforgeError(f"config key 'run': {run} is not a directory")
-    stages = cfg.stages or sorted(d.name for d in run.iterdir() if (d / "stage.json").is_file())
+    stages = cfg.stages or pipeline_order([d.name for d in run.iterdir() if (d / "stage.json").is_file()])
     markers = {s: _read_json(run / s / "stage.json") for s in stages if (run / s / "stage.json").is_file()}
     results_file = Path(cfg.eval_results) if cfg.eval_results else run / "eval" / "results.json"
     ev = _read_json(results_file) if results_file.is_file() else {}
