@@ -27,15 +27,8 @@ from typing import Callable, Literal
 
 import torch
 
-from lmforge.checkpoint import (
-    CONFIG_FILE,
-    estimate_bytes,
-    load_model,
-    read_config,
-    recover_interrupted_save,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from lmforge.checkpoint import (CONFIG_FILE, estimate_bytes, load_model, read_config, recover_interrupted_save,
+                                resolve_checkpoint, save_checkpoint)
 from lmforge.cli import Command, Flag
 from lmforge.config import to_dict
 from lmforge.errors import ConfigError, LmforgeError
@@ -46,50 +39,16 @@ from lmforge.lora import (LoraConfig, apply_lora, check_resume_rank, load_traina
                           merged_state_dict, plain_model, trainable_state_dict)
 from lmforge.model import Transformer
 from lmforge.scoring import RewardScorer, check_reward_model, disable_dropout, fold_normalization, is_encoder
-from lmforge.rl_utils import (
-    KLController,
-    clipped_surrogate,
-    clipped_value_loss,
-    explained_variance,
-    gae,
-    kl_estimate,
-    masked_mean,
-    masked_whiten,
-    token_rewards,
-)
-from lmforge.rollout import (
-    check_process_split,
-    RLTrainer,
-    Experience,
-    Prompt,
-    RewardFn,
-    Samples,
-    critic_values,
-    in_chunks,
-    load_prompts,
-    minibatch_epochs,
-    policy_logprobs,
-    prompt_indices,
-    sample_responses,
-    scores_from_fn,
-)
+from lmforge.rl_utils import (KLController, clipped_surrogate, clipped_value_loss, explained_variance, gae,
+                              kl_estimate, masked_mean, masked_whiten, token_rewards)
+from lmforge.rollout import (Experience, Prompt, RewardFn, RLTrainer, Samples, check_process_split, critic_values,
+                             in_chunks, load_prompts, minibatch_epochs, policy_logprobs, prompt_indices,
+                             sample_responses, scores_from_fn)
 from lmforge.ptx import PtxConfig, PtxSource
 from lmforge.tokenizer import Tokenizer
 from lmforge.distributed import DistInfo, gather_rows, init_distributed, sum_gradients
-from lmforge.training import (
-    MetricsLogger,
-    OptimConfig,
-    autocast,
-    build_optimizer,
-    NonFiniteGuard,
-    clip_and_step,
-    pick_device,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    StopRequest,
-    synced_time,
-)
+from lmforge.training import (MetricsLogger, NonFiniteGuard, OptimConfig, StopRequest, autocast, build_optimizer,
+                              clip_and_step, pick_device, rng_state, seed_everything, set_rng_state, synced_time)
 
 
 def _ppo_optim() -> OptimConfig:
