@@ -254,6 +254,25 @@ def test_batching_is_real_few_forward_calls():
     assert calls[1] == (8, 1)
 
 
+def test_joining_requests_share_the_running_rows_forward():
+    model = _model()  # 4 query heads over 2 key/value heads: grouped-query attention in the mixed step too
+    eng = Engine(model, max_batch=8, waiting_served_ratio=0.0)
+    running = [eng.submit(p, SamplingParams(12, 0.0), stop_ids=[]) for p in _prompts(3, 2, 5, seed=7)]
+    eng.step()  # prefill alone
+    shapes = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    joiners = [eng.submit(p, SamplingParams(12, 0.0), stop_ids=[]) for p in ([4, 5, 6, 7, 8, 9, 10, 11], [12, 13])]
+    eng.step()  # 3 next tokens + 2 prompts padded to 8, one flattened sequence: one forward
+    hook.remove()
+    assert shapes == [(1, 3 + 2 * 8)]
+    assert [len(r.tokens) for r in running + joiners] == [2, 2, 2, 1, 1]
+    eng.run_until_idle()
+    for req in running + joiners:
+        tokens, logprobs = _alone(model, req.prompt, req.params)
+        assert req.tokens == tokens
+        assert req.logprobs == pytest.approx(logprobs, abs=1e-4)
+
+
 def test_failing_callback_cancels_only_its_request():
     eng = Engine(_model(), max_batch=4)
 

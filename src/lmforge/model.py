@@ -141,6 +141,12 @@ class KVCache:
         self.v[layer][:, :, t0:t1] = v
         return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
 
+    def attend(self, layer: int, q, k, v, mask, causal: bool):
+        """Store this forward's keys and values, then attend over every filled position (Attention calls this;
+        lmforge.engine's mixed prefill-and-decode step replaces it)."""
+        k, v = self.update(layer, k, v)
+        return attention(q, k, v, mask, causal)
+
     def select(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (drop finished sequences)."""
         self._set(self.buf[:, :, index])
@@ -175,6 +181,18 @@ class KVCache:
         self.length += n
 
 
+def attention(q, k, v, mask, causal: bool, dropout: float = 0.0):
+    """Scaled dot-product attention of (B, heads, T, hd) queries over (B, kv_heads, S, hd) keys and values;
+    mask: build_attention_mask's (None: plain causal or full attention, SDPA's fastest kernel)."""
+    nh, nkv = q.shape[1], k.shape[1]
+    if nkv != nh:  # grouped-query attention: each K/V head serves nh/nkv query heads
+        k = k.repeat_interleave(nh // nkv, dim=1)
+        v = v.repeat_interleave(nh // nkv, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -194,15 +212,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        if nkv != nh:  # grouped-query attention: each K/V head serves nh/nkv query heads
-            k = k.repeat_interleave(nh // nkv, dim=1)
-            v = v.repeat_interleave(nh // nkv, dim=1)
-        p = self.cfg.dropout if self.training else 0.0
-        if mask is None:  # plain causal / full attention: let SDPA pick its fastest kernel
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.cfg.is_causal)
+            y = cache.attend(self.layer, q, k, v, mask, self.cfg.is_causal)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            y = attention(q, k, v, mask, self.cfg.is_causal, self.cfg.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
 
