@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from lmforge.cli import keep_freed_memory
 from lmforge.engine import Engine
 from lmforge.generation import SamplingParams
 from lmforge.model import ModelConfig, Transformer
@@ -64,7 +65,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--layers", type=int, default=4, help="random model: layers")
     p.add_argument("--width", type=int, default=192, help="random model: width (heads of 48)")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (lmforge keeps freed memory for reuse: cli.keep_freed_memory)")
     args = p.parse_args()
+    if not args.glibc_malloc:
+        keep_freed_memory()  # what the lmforge command does to its process
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from lmforge.checkpoint import save_checkpoint
+from lmforge.cli import keep_freed_memory
 from lmforge.config import load_config
 from lmforge.model import ModelConfig, Transformer
-from lmforge.rollout import prompt_indices
+from lmforge.rollout import load_prompts, prompt_indices
 from lmforge.stages.ppo import PPOConfig, build_trainer
-from lmforge.rollout import load_prompts
 from lmforge.tokenizer import train_tokenizer
 from lmforge.training import pick_device
 
@@ -60,7 +60,11 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--iterations", type=int, default=4, help="timed iterations (after one warm-up)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (lmforge keeps freed memory for reuse: cli.keep_freed_memory)")
     args = p.parse_args()
+    if not args.glibc_malloc:
+        keep_freed_memory()  # what the lmforge command does to its process
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

@@ -21,8 +21,15 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lmforge.cli import keep_freed_memory
 from lmforge.model import ModelConfig, Transformer
-from lmforge.training import OptimConfig, autocast, build_optimizer, device_peak_flops, pick_device
+from lmforge.training import (
+    OptimConfig,
+    autocast,
+    build_optimizer,
+    device_peak_flops,
+    pick_device,
+)
 
 
 def matmul_flops(device: torch.device, n: int = 2048, repeats: int = 7) -> list[float]:
@@ -65,7 +72,11 @@ def main() -> None:
     p.add_argument("--compete", type=int, default=0,
                    help="after the quiet steps, time as many again beside this many busy-looping processes")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (lmforge keeps freed memory for reuse: cli.keep_freed_memory)")
     args = p.parse_args()
+    if not args.glibc_malloc:
+        keep_freed_memory()  # what the lmforge command does to its process
 
     device = pick_device(args.device)
     if args.threads:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.cli import keep_freed_memory
 from lmforge.generation import left_pad
 from lmforge.model import ModelConfig, Transformer
 from lmforge.preferences import Example
@@ -47,7 +48,11 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (lmforge keeps freed memory for reuse: cli.keep_freed_memory)")
     args = p.parse_args()
+    if not args.glibc_malloc:
+        keep_freed_memory()  # what the lmforge command does to its process
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

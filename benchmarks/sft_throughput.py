@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lmforge.chat import record_to_messages
+from lmforge.cli import keep_freed_memory
 from lmforge.model import ModelConfig, Transformer
 from lmforge.stages.sft import SFTBatches, encode_records, sft_loss
 from lmforge.tokenizer import train_tokenizer
@@ -87,7 +88,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--records", type=int, default=2000)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (lmforge keeps freed memory for reuse: cli.keep_freed_memory)")
     args = p.parse_args()
+    if not args.glibc_malloc:
+        keep_freed_memory()  # what the lmforge command does to its process
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

@@ -17,6 +17,7 @@ import time
 import torch
 
 from lmforge.checkpoint import load_model
+from lmforge.cli import keep_freed_memory
 from lmforge.generation import SamplingParams, generate
 from lmforge.lora import LoraConfig, apply_lora
 
@@ -79,7 +80,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (lmforge keeps freed memory for reuse: cli.keep_freed_memory)")
     args = p.parse_args()
+    if not args.glibc_malloc:
+        keep_freed_memory()  # what the lmforge command does to its process
     if args.threads:
         torch.set_num_threads(args.threads)
     peak = matmul_peak()

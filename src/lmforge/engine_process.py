@@ -191,6 +191,9 @@ def _child_main(conn, path: str, device: str, settings: dict, threads: int = 0) 
     """The engine process: load, report ("ready", ...) or ("error", message), then step and relay until told
     to stop or the parent goes away. threads > 0: torch's CPU threads in this process."""
     try:
+        from lmforge.cli import keep_freed_memory
+
+        keep_freed_memory()  # a spawned process: the parent's malloc settings are not inherited
         if threads > 0:
             import torch
 
