@@ -273,6 +273,22 @@ def test_joining_requests_share_the_running_rows_forward():
         assert req.logprobs == pytest.approx(logprobs, abs=1e-4)
 
 
+def test_a_failing_step_ends_the_requests_it_was_admitting():
+    eng = Engine(_model(), max_batch=4, waiting_served_ratio=0.0)
+    running = eng.submit([1, 2, 3], SamplingParams(8, 0.0), stop_ids=[])
+    eng.step()
+    joiner = eng.submit([4, 5], SamplingParams(8, 0.0), stop_ids=[])
+
+    def out_of_memory():
+        raise RuntimeError("out of memory")
+
+    eng._decode_window = out_of_memory  # fails after the joiner left the queue, before it runs
+    with pytest.raises(RuntimeError):
+        eng.step()
+    assert running.finish_reason == joiner.finish_reason == "error" and joiner.wait(0)
+    assert eng.num_running == eng.num_waiting == 0
+
+
 def test_failing_callback_cancels_only_its_request():
     eng = Engine(_model(), max_batch=4)
 

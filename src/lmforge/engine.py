@@ -30,8 +30,10 @@ and decode tokens in one batch): the running rows' next tokens and the joiners' 
 sequence, so the matmuls, norms and MLPs run once over all of them, and only attention is done per group
 (`_MixedAttention`, which stands in for the KV cache). With 32 short chats that is 20% less time per step.
 
-The engine passes masks and positions to `Transformer.hidden_states` and needs nothing else from the model
-but `KVCache.attend`. The price is attention over the columns of the longest running row for every row, and an
+The engine passes masks and positions to `Transformer.hidden_states`; its one-forward step runs the model's
+blocks itself (the loop of `hidden_states`, over a flattened sequence that may be longer than the context while
+every position in it is valid), so a change to that loop must be made in both (the tests compare every request
+with the same request decoded alone by `generate`). The price is attention over the columns of the longest running row for every row, and an
 occasional copy when rows move: fine at this scale; a paged cache would remove both.
 
 `lmforge.engine_process.EngineProcess` runs an Engine in a process of its own behind the same client API
@@ -200,13 +202,14 @@ class _MixedAttention:
     """Attention for `Engine._decode_and_prefill`: the forward's tokens are flattened to one sequence, the n
     running rows' next tokens first, then J joiners' prompts of P (left-padded) tokens each. Stands in for the
     KV cache (`KVCache.attend`): writes each group's keys and values into its rows of the cache and attends per
-    group, as `_decode` and `_prefill` would, so every row's result is the one it gets alone."""
+    group, as `_decode` and `_prefill` would, so every row's result is the one it gets alone (up to floating-point
+    rounding: the matmuls see other shapes)."""
 
     def __init__(self, cache: KVCache, n: int, J: int, P: int, dead: int, L: int, dmask, pmask):
         self.cache, self.n, self.J, self.P, self.dead, self.L = cache, n, J, P, dead, L
         self.dmask, self.pmask = dmask, pmask
 
-    def attend(self, layer: int, q, k, v, mask, causal: bool):
+    def attend(self, layer: int, q, k, v, mask, causal: bool, dropout: float = 0.0):
         n, J, P, L = self.n, self.J, self.P, self.L
         k_all, v_all = self.cache.k[layer], self.cache.v[layer]  # (rows, kv heads, columns, hd)
 
@@ -367,6 +370,7 @@ class Engine:
         admit the waiting requests chosen to join (prefill and first token), in one forward when both happen.
         Returns the number of tokens generated."""
         with self._step_lock:
+            joiners: list[Request] = []
             try:
                 self._drop_cancelled()
                 joiners = self._joiners()
@@ -374,6 +378,8 @@ class Engine:
                     return self._decode_and_prefill(joiners)
                 return self._decode() if self._active else self._prefill(joiners)
             except BaseException as e:
+                for req in joiners:  # taken off the queue, maybe not yet running: end them too
+                    self._finish(req, "error", e)
                 self._abort_all("error", e)
                 raise
 

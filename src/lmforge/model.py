@@ -141,11 +141,11 @@ class KVCache:
         self.v[layer][:, :, t0:t1] = v
         return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
 
-    def attend(self, layer: int, q, k, v, mask, causal: bool):
+    def attend(self, layer: int, q, k, v, mask, causal: bool, dropout: float = 0.0):
         """Store this forward's keys and values, then attend over every filled position (Attention calls this;
         lmforge.engine's mixed prefill-and-decode step replaces it)."""
         k, v = self.update(layer, k, v)
-        return attention(q, k, v, mask, causal)
+        return attention(q, k, v, mask, causal, dropout)
 
     def select(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (drop finished sequences)."""
@@ -211,10 +211,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        p = self.cfg.dropout if self.training else 0.0
         if cache is not None:
-            y = cache.attend(self.layer, q, k, v, mask, self.cfg.is_causal)
+            y = cache.attend(self.layer, q, k, v, mask, self.cfg.is_causal, p)
         else:
-            y = attention(q, k, v, mask, self.cfg.is_causal, self.cfg.dropout if self.training else 0.0)
+            y = attention(q, k, v, mask, self.cfg.is_causal, p)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
 

@@ -242,7 +242,7 @@ def write_report(out_dir: str | Path, results: dict, stages: list[str] | None = 
     check_output_dir(out, "run")
     out.mkdir(parents=True, exist_ok=True)
     if stages is None:
-        stages = sorted(d.name for d in out.iterdir() if d.is_dir())
+        stages = pipeline_order([d.name for d in out.iterdir() if d.is_dir()])
     metrics = {s: read_metrics(out / s) for s in stages}
     plots = []
     if plot_losses(metrics, out / "loss.png"):
@@ -294,8 +294,10 @@ def training_speed(records: list[dict]) -> dict:
 
 def pipeline_order(names: list[str]) -> list[str]:
     """Stage names in the order `lmforge run` runs them (its stage table), unknown names after, by name."""
-    from lmforge.pipeline import STAGES  # here, not at the top: the pipeline's table imports this stage
-
+    try:  # imported here, not at the top: the pipeline's table imports this stage
+        from lmforge.pipeline import STAGES
+    except ImportError:  # a stage's optional dependency is missing: the report still gets written
+        STAGES = []
     rank = {s.name: i for i, s in enumerate(STAGES)}
     return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
