@@ -33,8 +33,9 @@ sequence, so the matmuls, norms and MLPs run once over all of them, and only att
 The engine passes masks and positions to `Transformer.hidden_states`; its one-forward step runs the model's
 blocks itself (the loop of `hidden_states`, over a flattened sequence that may be longer than the context while
 every position in it is valid), so a change to that loop must be made in both (the tests compare every request
-with the same request decoded alone by `generate`). The price is attention over the columns of the longest running row for every row, and an
-occasional copy when rows move: fine at this scale; a paged cache would remove both.
+with the same request decoded alone by `generate`). The price of this layout is attention over the columns of
+the longest running row for every row, and an occasional copy when rows move: fine at this scale; a paged cache
+would remove both.
 
 `lmforge.engine_process.EngineProcess` runs an Engine in a process of its own behind the same client API
 (what `lmforge serve` uses). Per-token output goes to a queue per request (`Request.events`, or iterate the request) and, if given, to an
