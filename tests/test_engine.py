@@ -279,7 +279,7 @@ def test_a_failing_step_ends_the_requests_it_was_admitting():
     eng.step()
     joiner = eng.submit([4, 5], SamplingParams(8, 0.0), stop_ids=[])
 
-    def out_of_memory():
+    def out_of_memory(*args):
         raise RuntimeError("out of memory")
 
     eng._decode_window = out_of_memory  # fails after the joiner left the queue, before it runs

@@ -399,12 +399,15 @@ class Engine:
             self._waited = 0
             return [self._pending.popleft() for _ in range(k)]
 
-    def _decode_window(self) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-        """Make room for one more column; (first live column, length, mask, positions) of the running rows'
-        next token. They attend through a window from the oldest live column: dead columns cost nothing."""
+    def _decode_window(self, prompt_len: int = 0) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """Make room for one more column (and, on the left, for joining prompts of up to prompt_len tokens that
+        end at it); (first live column, length, mask, positions) of the running rows' next token. They attend
+        through a window from the oldest live column: dead columns cost nothing."""
         c = self.cache
         if c.length + 1 > c.max_len:  # full: move all rows left over the dead columns
             self._shift_rows(-min(self._start))
+        if prompt_len > c.length + 1:  # make room on the left for the longest prompt
+            self._shift_rows(prompt_len - c.length - 1)
         dead, L = min(self._start), c.length
         start = torch.tensor(self._start, device=self.device)
         mask = torch.arange(dead, L + 1, device=self.device)[None] >= start[:, None]
@@ -451,10 +454,7 @@ class Engine:
         once over all of them; only attention is per group (_MixedAttention). A separate prefill forward costs
         about what a forward of one token does (per-op overhead at this scale), every step under load."""
         n, P = len(self._active), max(len(r.prompt) for r in joiners)
-        dead, L, dmask, dpos = self._decode_window()
-        if P > L + 1:  # make room on the left for the longest prompt
-            self._shift_rows(P - L - 1)
-            dead, L, dmask, dpos = self._decode_window()
+        dead, L, dmask, dpos = self._decode_window(P)
         last = [r.tokens[-1] for r in self._active]
         ids, pmask = self._prompts(joiners, L + 1)
         J = len(joiners)

@@ -194,9 +194,9 @@ def _child_main(conn, path: str, device: str, settings: dict, threads: int = 0) 
         from lmforge.cli import keep_freed_memory
 
         keep_freed_memory()  # a spawned process: the parent's malloc settings are not inherited
-        if threads > 0:
-            import torch
+        import torch
 
+        if threads > 0:
             torch.set_num_threads(threads)
         from lmforge.checkpoint import load_causal_lm
         from lmforge.engine import Engine
@@ -213,8 +213,6 @@ def _child_main(conn, path: str, device: str, settings: dict, threads: int = 0) 
     except Exception as e:  # an unexpected failure still reaches the user as one line
         conn.send(("error", f"{path}: could not load the model: {type(e).__name__}: {e}"))
         return
-    import torch
-
     conn.send(("ready", (tok.hf.to_str(), tok.config, model.config.vocab_size, engine.context,
                          torch.get_num_threads())))
 
