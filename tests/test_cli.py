@@ -33,8 +33,8 @@ def test_a_list_flag_keeps_values_that_only_look_like_overrides(capsys):
 
 
 def _page_faults_of_reused_buffers(keep: bool, env: dict | None = None) -> tuple[bool, int]:
-    """(keep_freed_memory() applied, minor page faults of 50 calls of engine.sample on 32 rows x 4096 logits,
-    whose temporaries of 0.5-1 MB are freed at once) in a fresh process."""
+    """(keep_freed_memory() applied, minor page faults of 50 float64 cumulative sums over 32 rows x ~4096 logits,
+    whose temporaries of ~1 MB vary in size and are freed at once, as a sampler's do) in a fresh process."""
     import json
     import os
     import subprocess
@@ -44,13 +44,12 @@ def _page_faults_of_reused_buffers(keep: bool, env: dict | None = None) -> tuple
 import json, resource, torch
 from lmforge.cli import keep_freed_memory
 applied = keep_freed_memory() if {keep} else False
-from lmforge.engine import sample
-from lmforge.generation import SamplingParams
-logits, params = torch.randn(32, 4096), [SamplingParams(8, 1.0)] * 32
-sample(logits, params, [0.5] * 32)  # the first call may fault in any case
+cdf = lambda i: torch.ones(32, 4096 + 64 * (i % 8), dtype=torch.float64).cumsum(-1)
+for i in range(8):  # the first calls may fault in any case
+    cdf(i)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(50):
-    sample(logits, params, [0.5] * 32)
+for i in range(50):
+    cdf(i)
 print(json.dumps([applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before]))
 """
     env = {k: v for k, v in os.environ.items()
@@ -67,9 +66,9 @@ def test_keep_freed_memory_stops_page_faults_on_reused_buffers():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc's malloc only")
     baseline = _page_faults_of_reused_buffers(keep=False)[1]
-    if baseline < 50 * 100:  # glibc's default faults hundreds of pages a call here; elsewhere nothing to show
+    if baseline < 50 * 20:  # glibc's default faults 30-200 pages a call here; elsewhere nothing to show
         pytest.skip(f"glibc's default malloc faulted only {baseline} pages in 50 calls")
     applied, faults = _page_faults_of_reused_buffers(keep=True)
-    assert applied and faults < 50 * 20  # the freed blocks are reused: a few fresh pages at most
+    assert applied and faults < 50 * 5  # the freed blocks are reused: a few fresh pages at most
     for user_tuning in ({"MALLOC_TRIM_THRESHOLD_": "131072"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}):
         assert _page_faults_of_reused_buffers(keep=True, env=user_tuning)[0] is False  # the user's settings win

@@ -26,9 +26,9 @@ steps. At this scale a forward costs mostly per-op overhead, so one prefill of t
 of a single prompt does; joining one by one would spend a prefill forward on nearly every step.
 
 A step that both decodes and admits runs one forward (`_decode_and_prefill`, as vLLM's scheduler mixes prefill
-and decode tokens in one batch): the running rows' next tokens and the joiners' prompts are flattened into one
-sequence, so the matmuls, norms and MLPs run once over all of them, and only attention is done per group
-(`_MixedAttention`, which stands in for the KV cache). With 32 short chats that is 20% less time per step.
+and decode tokens in one batch): the running rows' next tokens and the joiners' unpadded prompts are flattened
+into one sequence, so the matmuls, norms and MLPs run once over all of them, and only attention is done per
+group (`_MixedAttention`, which stands in for the KV cache). With 32 short chats that is 20% less time per step.
 
 The engine passes masks and positions to `Transformer.hidden_states`; its one-forward step runs the model's
 blocks itself (the loop of `hidden_states`, over a flattened sequence that may be longer than the context while
@@ -172,8 +172,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
     text for the same seed.
     """
     logits = logits.float()
-    temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
-    scaled = logits / temps[:, None]
+    temps = [p.temperature or 1.0 for p in params]
+    scaled = logits if all(t == 1.0 for t in temps) else logits / torch.tensor(temps, device=logits.device)[:, None]
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     all_sampled = len(rows) == len(params)
     # Greedy rows take the argmax; when every row samples, the pass over the vocabulary is skipped.
@@ -188,35 +188,69 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: list[fl
         for (top_k, top_p), idx in groups.items():
             if top_k or top_p < 1.0:
                 filtered[idx] = filter_logits(filtered[idx], top_k, top_p)
-        probs = F.softmax(filtered, dim=-1)
-        cdf = probs.double().cumsum(-1)
+        peak = filtered.amax(-1, keepdim=True)
+        weights = (filtered - peak).exp_()  # softmax without its division: the search scales u by the total
         u = torch.tensor([uniforms[i] for i in rows], dtype=torch.float64, device=logits.device)
-        nxt[rows] = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # skips p = 0 tokens
-        if all_sampled and not filtering:  # probs is softmax(logits / T) itself: no log-softmax pass needed
-            logp = probs.gather(-1, nxt[:, None])[:, 0].log().clamp(max=0.0)
+        nxt[rows], total = inverse_cdf(weights, u)
+        if all_sampled and not filtering:  # log softmax(logits / T) from the same pass: no log-softmax needed
+            logp = (scaled.gather(-1, nxt[:, None])[:, 0] - peak[:, 0]).double() - total.log()
     if logp is None:
         logp = F.log_softmax(scaled, dim=-1).gather(-1, nxt[:, None])[:, 0]
     return nxt.tolist(), logp.tolist()
 
 
+CDF_BLOCK = 64  # inverse_cdf's two-level search: blocks of this many tokens, then tokens within one block
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of non-negative weights (B, V), the first index whose running sum exceeds u x the row's
+    total (u in [0, 1), float64), skipping zero weights; and the totals (float64).
+
+    The same draw as searchsorted over the row's cumulative sum, in two levels: over the sums of blocks of
+    CDF_BLOCK weights, then over the running sum inside the chosen block: no float64 copy and sequential
+    cumulative sum over the whole vocabulary. With the unnormalised weights, `sample` at 32 rows x 4096 took
+    316 us instead of 546 (measured)."""
+    B, V = weights.shape
+    nb = -(-V // CDF_BLOCK)
+    if nb * CDF_BLOCK != V:
+        weights = F.pad(weights, (0, nb * CDF_BLOCK - V))
+    blocks = weights.view(B, nb, CDF_BLOCK)
+    mass = blocks.sum(-1).double()
+    running = mass.cumsum(-1)
+    total = running[:, -1]
+    zero = torch.zeros_like(total)
+    target = torch.minimum(u * total, total.nextafter(zero))  # u * total may round up to the total itself
+    block = torch.searchsorted(running, target[:, None], right=True)  # (B, 1): first block passing the target
+    before = F.pad(running, (1, 0)).gather(1, block)[:, 0]             # mass of the blocks before it
+    inner = blocks[torch.arange(B, device=weights.device), block[:, 0]].double().cumsum(-1)
+    # The block's own running sum may round below the target: then its last non-zero weight is the draw.
+    rest = torch.minimum((target - before).clamp_(min=0), inner[:, -1].nextafter(zero))
+    return block[:, 0] * CDF_BLOCK + torch.searchsorted(inner, rest[:, None], right=True)[:, 0], total
+
+
 class _MixedAttention:
     """Attention for `Engine._decode_and_prefill`: the forward's tokens are flattened to one sequence, the n
-    running rows' next tokens first, then J joiners' prompts of P (left-padded) tokens each. Stands in for the
-    KV cache (`KVCache.attend`): writes each group's keys and values into its rows of the cache and attends per
-    group, as `_decode` and `_prefill` would, so every row's result is the one it gets alone (up to floating-point
-    rounding: the matmuls see other shapes)."""
+    running rows' next tokens first, then the J joiners' prompts back to back, without padding. Stands in for
+    the KV cache (`KVCache.attend`): writes each group's keys and values into its rows of the cache and attends
+    per group, as `_decode` and `_prefill` would, so every row's result is the one it gets alone (up to
+    floating-point rounding: the matmuls see other shapes). The prompts' attention runs on a (J, P) left-padded
+    grid: `slots` are the grid places of the flattened prompt tokens (padding places hold zeros, masked out)."""
 
-    def __init__(self, cache: KVCache, n: int, J: int, P: int, dead: int, L: int, dmask, pmask):
+    def __init__(self, cache: KVCache, n: int, J: int, P: int, dead: int, L: int, dmask, pmask, slots):
         self.cache, self.n, self.J, self.P, self.dead, self.L = cache, n, J, P, dead, L
         self.dmask, self.pmask = dmask, pmask
+        self.slots = None if len(slots) == J * P else slots  # None: every prompt is P long, no padding
 
     def attend(self, layer: int, q, k, v, mask, causal: bool, dropout: float = 0.0):
         n, J, P, L = self.n, self.J, self.P, self.L
         k_all, v_all = self.cache.k[layer], self.cache.v[layer]  # (rows, kv heads, columns, hd)
 
-        def split(t):  # (1, h, n + J*P, hd) -> (n, h, 1, hd), (J, h, P, hd)
+        def split(t):  # (1, h, n + prompt tokens, hd) -> (n, h, 1, hd), (J, h, P, hd)
             h, hd = t.shape[1], t.shape[3]
-            return t[0, :, :n].transpose(0, 1)[:, :, None], t[0, :, n:].reshape(h, J, P, hd).transpose(0, 1)
+            prompts = t[0, :, n:]
+            if self.slots is not None:
+                prompts = prompts.new_zeros(h, J * P, hd).index_copy_(1, self.slots, prompts)
+            return t[0, :, :n].transpose(0, 1)[:, :, None], prompts.reshape(h, J, P, hd).transpose(0, 1)
 
         (qd, qp), (kd, kp), (vd, vp) = split(q), split(k), split(v)
         k_all[:n, :, L], v_all[:n, :, L] = kd[:, :, 0], vd[:, :, 0]
@@ -225,7 +259,10 @@ class _MixedAttention:
         yp = attention(qp, k_all[n:n + J, :, L + 1 - P:L + 1], v_all[n:n + J, :, L + 1 - P:L + 1], self.pmask,
                        False)
         h, hd = yd.shape[1], yd.shape[3]
-        return torch.cat([yd[:, :, 0].transpose(0, 1), yp.transpose(0, 1).reshape(h, J * P, hd)], dim=1)[None]
+        yp = yp.transpose(0, 1).reshape(h, J * P, hd)
+        if self.slots is not None:
+            yp = yp.index_select(1, self.slots)
+        return torch.cat([yd[:, :, 0].transpose(0, 1), yp], dim=1)[None]
 
 
 class Engine:
@@ -452,23 +489,31 @@ class Engine:
         """One forward for both: the running rows' next tokens (at column L) and the joiners' prompts (in rows
         n.., ending at column L), their tokens flattened into one sequence so every matmul, norm and MLP runs
         once over all of them; only attention is per group (_MixedAttention). A separate prefill forward costs
-        about what a forward of one token does (per-op overhead at this scale), every step under load."""
-        n, P = len(self._active), max(len(r.prompt) for r in joiners)
+        about what a forward of one token does (per-op overhead at this scale), every step under load. The
+        prompts are not padded to the longest: with 32 short chats that is 12% fewer tokens per forward."""
+        n, lengths = len(self._active), [len(r.prompt) for r in joiners]
+        J, P = len(joiners), max(lengths)
         dead, L, dmask, dpos = self._decode_window(P)
         last = [r.tokens[-1] for r in self._active]
-        ids, pmask = self._prompts(joiners, L + 1)
-        J = len(joiners)
-        tokens = torch.cat([torch.tensor(last, device=self.device), ids.reshape(-1)])[None]
-        positions = torch.cat([dpos[:, 0], positions_from_mask(pmask).reshape(-1)])[None]
+        for req in joiners:
+            self._active.append(req)
+            self._start.append(L + 1 - len(req.prompt))
+        tokens = torch.tensor(last + [t for r in joiners for t in r.prompt], device=self.device)[None]
+        prompt_positions = torch.tensor([i for m in lengths for i in range(m)], device=self.device)
+        positions = torch.cat([dpos[:, 0], prompt_positions])[None]
+        pad = P - torch.tensor(lengths, device=self.device)
+        pmask = torch.arange(P, device=self.device)[None] >= pad[:, None]  # (J, P) on the left-padded grid
+        slots = prompt_positions + torch.repeat_interleave(P * torch.arange(J, device=self.device) + pad,
+                                                          torch.tensor(lengths, device=self.device))
         m = self.model
         x = m.model.embed_tokens(tokens)
         cos, sin = rotary_cos_sin(positions, m.inv_freq, x.dtype)
         attend = _MixedAttention(self.cache, n, J, P, dead, L,
                                  build_attention_mask(dmask, 1, L - dead, True, device=self.device),
-                                 build_attention_mask(pmask, P, 0, True, device=self.device))
+                                 build_attention_mask(pmask, P, 0, True, device=self.device), slots)
         for block in m.model.layers:  # Transformer.hidden_states' loop, over the flattened tokens
             x = block(x, cos, sin, None, attend)
-        last_positions = torch.cat([torch.arange(n), n + P * torch.arange(1, J + 1) - 1]).to(self.device)
+        last_positions = torch.cat([torch.arange(n), n + torch.tensor(lengths).cumsum(0) - 1]).to(self.device)
         logits = m.lm_head(m.model.norm(x[0, last_positions]))
         self.cache.length = L + 1
         self._emit(0, logits)
@@ -520,7 +565,7 @@ class Engine:
                 self._requests.pop(self._active[i].id, None)
             last = len(self._active) - 1
             if i != last:
-                self.cache.copy_row(last, i)
+                self.cache.copy_row(last, i, self._start[last])
                 self._active[i], self._start[i] = self._active[last], self._start[last]
             self._active.pop()
             self._start.pop()
