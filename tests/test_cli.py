@@ -34,7 +34,7 @@ def test_a_list_flag_keeps_values_that_only_look_like_overrides(capsys):
 
 def _page_faults_of_reused_buffers(keep: bool, env: dict | None = None) -> tuple[bool, int]:
     """(keep_freed_memory() applied, minor page faults of 50 float64 cumulative sums over 32 rows x ~4096 logits,
-    whose temporaries of ~1 MB vary in size and are freed at once, as a sampler's do) in a fresh process."""
+    whose temporaries of ~1 MB vary in size and are freed at once, as a step's often do) in a fresh process."""
     import json
     import os
     import subprocess

@@ -206,7 +206,8 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, t
     """For each row of non-negative weights (B, V), the first index whose running sum exceeds u x the row's
     total (u in [0, 1), float64), skipping zero weights; and the totals (float64).
 
-    The same draw as searchsorted over the row's cumulative sum, in two levels: over the sums of blocks of
+    The draw of searchsorted over the row's cumulative sum (up to the float32 rounding of the block sums, ~1e-7
+    of a block's mass), in two levels: over the sums of blocks of
     CDF_BLOCK weights, then over the running sum inside the chosen block: no float64 copy and sequential
     cumulative sum over the whole vocabulary. With the unnormalised weights, `sample` at 32 rows x 4096 took
     316 us instead of 546 (measured)."""

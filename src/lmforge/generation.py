@@ -52,17 +52,19 @@ NUCLEUS_CANDIDATES = 64  # filter_logits looks for the top-p nucleus among this 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set logits outside the top-k / nucleus (top-p) to -inf.
 
-    The nucleus is the smallest prefix of the tokens sorted by probability whose mass reaches top_p. It is
-    looked for among the NUCLEUS_CANDIDATES most likely tokens (a partial top-k, not a sort of the vocabulary:
-    at 32 rows x 4096 a full sort made a serving step ~2x longer); only if some row's nucleus is wider are the
-    rows sorted in full."""
+    The nucleus keeps each token whose more likely tokens hold at most top_p of the mass: the smallest prefix of
+    the tokens sorted by probability whose mass reaches top_p (one more token on an exact tie). It is looked for
+    among the NUCLEUS_CANDIDATES most likely tokens (a partial top-k, not a sort of the vocabulary: at 32 rows x
+    4096 a full sort made a serving step ~2x longer); only if some row's nucleus is wider are the rows sorted
+    in full."""
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         k = min(NUCLEUS_CANDIDATES, logits.shape[-1])
         sorted_logits, order = torch.topk(logits, k, dim=-1)  # descending
-        probs = (sorted_logits - torch.logsumexp(logits, -1, keepdim=True)).exp()
+        peak = sorted_logits[..., :1]  # relative to the row's maximum: exact for large logits too
+        probs = (sorted_logits - peak - torch.logsumexp(logits - peak, -1, keepdim=True)).exp()
         cum = probs.cumsum(-1)
         if k < logits.shape[-1] and not bool((cum[..., -1] >= top_p).all()):  # a nucleus wider than k tokens
             sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
