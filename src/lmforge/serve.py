@@ -19,7 +19,8 @@ Design:
   The same events feed the streaming (SSE chunks) and the non-streaming (one JSON body) answer.
 * Whatever way a Job ends (finished, error, client gone: the stream is closed, or a non-streaming request sees
   http.disconnect), its unfinished engine requests are cancelled and free their batch rows at the next step.
-* Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: invalid JSON or fields -> 400,
+* Errors are OpenAI's shape (`openai_api.py` holds the wire format: errors, the API-key check, request bodies,
+  log-probs, SSE), {"error": {"message", "type", "param", "code"}}: invalid JSON or fields -> 400,
   prompt + max_tokens beyond the context -> 400, unknown model -> 404 (model_not_found), bad or missing API
   key -> 401, engine queue full -> 429 with Retry-After, a crashed engine process -> 503 (engine_stopped). The
   server stays up after every one of them.
@@ -30,8 +31,6 @@ Design:
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import time
 import uuid
@@ -41,11 +40,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lmforge import chat
@@ -54,6 +52,17 @@ from lmforge.engine import Engine, QueueFull, TokenEvent
 from lmforge.engine_process import EngineProcess, EngineStopped, engine_threads
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.generation import SamplingParams, Utf8Streamer
+from lmforge.openai_api import (
+    APIError,
+    BearerAuth,
+    ChatRequest,
+    CompletionRequest,
+    SamplingRequest,
+    chat_logprobs,
+    parse_body,
+    sse,
+    text_logprobs,
+)
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -147,103 +156,6 @@ def load_models(cfg: ServeConfig) -> dict[str, ServedModel]:
             engine.stop()
         raise
     return out
-
-
-# ---- errors ----
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape with an HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-class BearerAuth:
-    """ASGI middleware: /v1 requests need `Authorization: Bearer KEY` (constant-time comparison)."""
-
-    def __init__(self, app, api_key: str):
-        self.app, self.key = app, api_key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.key and scope["path"].startswith("/v1"):
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                message = "Incorrect API key provided." if auth else "You didn't provide an API key (Authorization: Bearer KEY)."
-                return await APIError(401, message, code="invalid_api_key").response()(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-# ---- request bodies ----
-
-class TextPart(BaseModel):
-    type: Literal["text"] = "text"
-    text: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
-
-    def as_dict(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
-
-
-class SamplingRequest(BaseModel):
-    """Fields common to chat and text completions (unknown OpenAI fields are accepted and ignored)."""
-    model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # an extension: 0 = off
-    n: int = Field(1, ge=1, le=32)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-
-    def stop_strings(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > 4:
-            raise APIError(400, "at most 4 stop strings are allowed", param="stop")
-        return [s for s in stops if s]
-
-
-class ChatRequest(SamplingRequest):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class CompletionRequest(SamplingRequest):
-    prompt: str | list[str]
-    logprobs: int | None = Field(None, ge=0, le=5)
-
-
-async def parse_body(request: Request, cls: type[BaseModel]):
-    """The JSON body as `cls` (whatever the Content-Type says, as curl -d sends it); errors are 400s."""
-    try:
-        data = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(x) for x in err["loc"]) or None
-        raise APIError(400, f"{param or 'body'}: {err['msg']}", param=param) from None
 
 
 # ---- one request's decoding ----
@@ -375,47 +287,30 @@ class Job:
             self.cancel()
 
 
-# ---- response shapes ----
-
-def _chat_logprobs(tok: Tokenizer, pairs: list[tuple[int, float]]) -> dict:
-    def entry(t, lp):
-        b = tok.token_bytes(t)
-        return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b), "top_logprobs": []}
-    return {"content": [entry(t, lp) for t, lp in pairs]}
-
-
-def _text_logprobs(tok: Tokenizer, pairs: list[tuple[int, float]], offset: int = 0) -> dict:
-    tokens = [tok.token_bytes(t).decode("utf-8", errors="replace") for t, _ in pairs]
-    offsets = [offset + sum(len(s) for s in tokens[:i]) for i in range(len(tokens))]
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp in pairs], "top_logprobs": None, "text_offset": offsets}
-
-
-def _sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
-
+# ---- responses ----
 
 async def _stream(job: Job, chunk, first: list[dict], include_usage: bool) -> AsyncIterator[str]:
     """SSE: `first` chunks, one chunk per event, then usage (on the last chunk, or its own chunk when the
     client asked with stream_options.include_usage), then [DONE]."""
     for c in first:
-        yield _sse(c)
+        yield sse(c)
     held = None  # the usage goes on the last chunk, so each chunk is sent once the next one exists
     try:
         async for choice, piece, new in job.events():
             if piece or new or choice.finish_reason:
                 if held is not None:
-                    yield _sse(held)
+                    yield sse(held)
                 held = chunk(choice, piece, new)
     except APIError as e:
-        yield _sse(e.body())
+        yield sse(e.body())
         return
     if held is not None:
         if not include_usage:
             held["usage"] = job.usage()
-        yield _sse(held)
+        yield sse(held)
     if include_usage:
-        yield _sse({**chunk(None, "", []), "choices": [], "usage": job.usage()})
-    yield _sse("[DONE]")
+        yield sse({**chunk(None, "", []), "choices": [], "usage": job.usage()})
+    yield sse("[DONE]")
 
 
 async def _collect(job: Job, request: Request) -> None:
@@ -539,7 +434,7 @@ def create_app(models: dict[str, ServedModel], api_key: str = "") -> FastAPI:
             raise APIError(400, str(e), param="messages") from None
         job = Job(sm, [ids], body, max_new(sm, [ids], body.max_completion_tokens or body.max_tokens, "messages"))
         head = {"id": f"chatcmpl-{job.id}", "created": int(time.time()), "model": sm.name, "system_fingerprint": None}
-        lp = (lambda pairs: _chat_logprobs(sm.tok, pairs)) if body.logprobs else (lambda pairs: None)
+        lp = (lambda pairs: chat_logprobs(sm.tok, pairs)) if body.logprobs else (lambda pairs: None)
 
         def chunk(c, piece, new):
             choices = [] if c is None else [{"index": c.index, "delta": {"content": piece} if piece else {},
@@ -566,7 +461,7 @@ def create_app(models: dict[str, ServedModel], api_key: str = "") -> FastAPI:
         requested = body.max_tokens if "max_tokens" in body.model_fields_set else None
         job = Job(sm, prompts, body, max_new(sm, prompts, requested, "prompt", default=16))
         head = {"id": f"cmpl-{job.id}", "object": "text_completion", "created": int(time.time()), "model": sm.name}
-        lp = (lambda pairs, off=0: _text_logprobs(sm.tok, pairs, off)) if body.logprobs is not None \
+        lp = (lambda pairs, off=0: text_logprobs(sm.tok, pairs, off)) if body.logprobs is not None \
             else (lambda pairs, off=0: None)
 
         def chunk(c, piece, new):
