@@ -461,26 +461,25 @@ class Engine:
         self._emit(0, logits)
         return n
 
-    def _prompts(self, joiners: list[Request], last_column: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids and mask of the joiners, added as running rows whose prompts end at
-        `last_column` - 1."""
-        P = max(len(r.prompt) for r in joiners)
-        ids = torch.full((len(joiners), P), self.pad_id, dtype=torch.long)
-        pmask = torch.zeros((len(joiners), P), dtype=torch.long)
-        for j, req in enumerate(joiners):
-            ids[j, P - len(req.prompt):] = torch.tensor(req.prompt)
-            pmask[j, P - len(req.prompt):] = 1
+    def _add_rows(self, joiners: list[Request], last_column: int) -> None:
+        """Make the joiners running rows (after the others) whose prompts end at `last_column` - 1."""
+        for req in joiners:
             self._active.append(req)
             self._start.append(last_column - len(req.prompt))
-        return ids.to(self.device), pmask.to(self.device)
 
     def _prefill(self, joiners: list[Request]) -> int:
         """Prefill the joiners into an empty batch: rows [0, J), right-aligned at column P."""
         if not joiners:
             return 0
         c = self.cache
-        c.length = max(len(r.prompt) for r in joiners)
-        ids, pmask = self._prompts(joiners, c.length)
+        c.length = P = max(len(r.prompt) for r in joiners)
+        self._add_rows(joiners, P)
+        ids = torch.full((len(joiners), P), self.pad_id, dtype=torch.long)
+        pmask = torch.zeros((len(joiners), P), dtype=torch.long)
+        for j, req in enumerate(joiners):  # left-padded
+            ids[j, P - len(req.prompt):] = torch.tensor(req.prompt)
+            pmask[j, P - len(req.prompt):] = 1
+        ids, pmask = ids.to(self.device), pmask.to(self.device)
         view = c.rows(0, len(joiners))
         view.length = 0
         self._emit(0, self._last_logits(ids, pmask, positions_from_mask(pmask), view))
@@ -496,16 +495,14 @@ class Engine:
         J, P = len(joiners), max(lengths)
         dead, L, dmask, dpos = self._decode_window(P)
         last = [r.tokens[-1] for r in self._active]
-        for req in joiners:
-            self._active.append(req)
-            self._start.append(L + 1 - len(req.prompt))
+        self._add_rows(joiners, L + 1)
         tokens = torch.tensor(last + [t for r in joiners for t in r.prompt], device=self.device)[None]
         prompt_positions = torch.tensor([i for m in lengths for i in range(m)], device=self.device)
         positions = torch.cat([dpos[:, 0], prompt_positions])[None]
-        pad = P - torch.tensor(lengths, device=self.device)
+        sizes = torch.tensor(lengths, device=self.device)
+        pad = P - sizes
         pmask = torch.arange(P, device=self.device)[None] >= pad[:, None]  # (J, P) on the left-padded grid
-        slots = prompt_positions + torch.repeat_interleave(P * torch.arange(J, device=self.device) + pad,
-                                                          torch.tensor(lengths, device=self.device))
+        slots = prompt_positions + torch.repeat_interleave(P * torch.arange(J, device=self.device) + pad, sizes)
         m = self.model
         x = m.model.embed_tokens(tokens)
         cos, sin = rotary_cos_sin(positions, m.inv_freq, x.dtype)
@@ -514,7 +511,7 @@ class Engine:
                                  build_attention_mask(pmask, P, 0, True, device=self.device), slots)
         for block in m.model.layers:  # Transformer.hidden_states' loop, over the flattened tokens
             x = block(x, cos, sin, None, attend)
-        last_positions = torch.cat([torch.arange(n), n + torch.tensor(lengths).cumsum(0) - 1]).to(self.device)
+        last_positions = torch.cat([torch.arange(n, device=self.device), n + sizes.cumsum(0) - 1])
         logits = m.lm_head(m.model.norm(x[0, last_positions]))
         self.cache.length = L + 1
         self._emit(0, logits)
