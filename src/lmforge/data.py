@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as ResultTimeout  # builtin TimeoutError only from 3.11
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator
@@ -268,7 +269,7 @@ def _result(future, pool: ProcessPoolExecutor):
     while True:
         try:
             return future.result(timeout=1.0)
-        except TimeoutError:
+        except ResultTimeout:
             if any(p.exitcode is not None for p in list((pool._processes or {}).values())):
                 raise BrokenProcessPool("a worker process died") from None
 
