@@ -178,7 +178,7 @@ def render(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """
     text, spans = _layout(tok, messages, False)
     enc = tok.hf.encode(text, add_special_tokens=False)
-    ids = enc.ids
+    ids, offsets = enc.ids, enc.offsets  # each read of enc.offsets builds a new list: read it once
     learn = []  # character spans to learn: assistant content through its end-of-turn token
     for i, start, end in spans:
         if messages[i]["role"] == "assistant":
@@ -186,13 +186,13 @@ def render(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     mask = [0] * len(ids)
     for start, end in learn:
         k = 0
-        while k < len(ids) and enc.offsets[k][1] <= start:
+        while k < len(ids) and offsets[k][1] <= start:
             k += 1
-        while k < len(ids) and enc.offsets[k][0] < end:
+        while k < len(ids) and offsets[k][0] < end:
             mask[k] = 1
             k += 1
         # the end-of-turn token: the first special token after the content (only whitespace may come between)
-        while k < len(ids) and ids[k] != tok.special.end and not text[enc.offsets[k][0]:enc.offsets[k][1]].strip():
+        while k < len(ids) and ids[k] != tok.special.end and not text[offsets[k][0]:offsets[k][1]].strip():
             k += 1
         if k < len(ids) and ids[k] == tok.special.end:
             mask[k] = 1
