@@ -4,10 +4,16 @@ and log-probs."""
 import math
 
 import torch
-
 import torch.nn.functional as F
 
-from lmforge.generation import NUCLEUS_CANDIDATES, SamplingParams, filter_logits, generate, inverse_cdf
+from lmforge.generation import (
+    NUCLEUS_CANDIDATES,
+    SamplingParams,
+    filter_logits,
+    generate,
+    generate_batched,
+    inverse_cdf,
+)
 from lmforge.model import Transformer
 from tests.conftest import tiny_config
 
@@ -120,7 +126,6 @@ def test_a_rows_draw_depends_on_its_own_uniforms_not_on_the_batch():
 def test_generate_batched_responses_do_not_depend_on_the_batch_size(tok):
     """Each row's uniforms are drawn up front in input order, so batches of 1, 3 or all rows (sorted by length,
     so grouped differently) give every row the same response for one seed, and another seed changes them."""
-    from lmforge.generation import generate_batched
     model = Transformer(tiny_config(vocab_size=tok.vocab_size)).eval()
     texts = ["The apple is", "A", "Tell me about the red fox and the dog", "Hi there", "What is two plus two"]
     rows = [tok.encode(t) for t in texts for _ in range(2)]
