@@ -131,9 +131,9 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     logps = torch.zeros((B, max(max_new, 0)), device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     if params.temperature > 0:
-        if uniforms is None:
-            uniforms = torch.rand(B, max(max_new, 0), generator=generator, dtype=torch.float64, device=generator.device
-                                  if generator is not None else "cpu")
+        if uniforms is None:  # on the generator's own device (a CUDA generator draws CUDA tensors)
+            where = generator.device if generator is not None else "cpu"
+            uniforms = torch.rand(B, max(max_new, 0), generator=generator, dtype=torch.float64, device=where)
         uniforms = uniforms.to(device=device, dtype=torch.float64)
     filtering = params.top_k > 0 or params.top_p < 1.0
     rows = torch.arange(B, device=device)  # the batch rows still being decoded (finished rows leave)
