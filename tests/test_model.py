@@ -4,13 +4,64 @@ import pytest
 import torch
 
 from lmforge.generation import SamplingParams, generate, left_pad
-from lmforge.model import KVCache, Transformer, build_attention_mask, last_token_index
+from lmforge.model import (KVCache, RMSNorm, Transformer, apply_rotary, build_attention_mask, last_token_index,
+                           rotary_cos_sin)
 from tests.conftest import tiny_config
 
 
 def _model(causal=True, **kw):
     torch.manual_seed(0)
     return Transformer(tiny_config(causal=causal, **kw)).eval()
+
+
+def _rms_norm_by_autograd(x, weight, eps):
+    """The formula as autograd sees it (the reference for the hand-written backward)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def _rotary_by_autograd(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def test_rms_norm_backward_is_the_derivative():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    norm = RMSNorm(5, 1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(5, dtype=torch.float64, generator=g))
+    assert torch.autograd.gradcheck(norm, (x,))
+    y, ref = norm(x), _rms_norm_by_autograd(x, norm.weight, 1e-5)
+    assert torch.allclose(y, ref, atol=1e-12)
+    up = torch.randn(2, 3, 5, dtype=torch.float64, generator=g)
+    ours = torch.autograd.grad(y, (x, norm.weight), up)
+    theirs = torch.autograd.grad(ref, (x, norm.weight), up)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_rms_norm_in_bf16_normalises_in_fp32_and_returns_the_promoted_dtype():
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).bfloat16().requires_grad_()
+    norm = RMSNorm(8, 1e-5)
+    y, ref = norm(x), _rms_norm_by_autograd(x, norm.weight, 1e-5)
+    assert y.dtype == ref.dtype == torch.float32 and torch.equal(y, ref)
+    y.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
+
+
+def test_rotary_matches_rotate_half_and_its_backward_is_the_derivative():
+    g = torch.Generator().manual_seed(0)
+    positions = torch.arange(7)[None].expand(2, 7)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2).double() / 8))
+    cos, sin = rotary_cos_sin(positions, inv_freq, torch.float64)
+    q = torch.randn(2, 7, 3, 8, dtype=torch.float64, generator=g).transpose(1, 2).requires_grad_()  # strided
+    assert torch.autograd.gradcheck(lambda t: apply_rotary(t, cos, sin), (q,))
+    assert torch.allclose(apply_rotary(q, cos, sin), _rotary_by_autograd(q, cos, sin), atol=1e-12)
+    up = torch.randn(2, 3, 7, 8, dtype=torch.float64, generator=g)
+    ours, = torch.autograd.grad(apply_rotary(q, cos, sin), q, up)
+    theirs, = torch.autograd.grad(_rotary_by_autograd(q, cos, sin), q, up)
+    assert torch.allclose(ours, theirs, atol=1e-12)
 
 
 def test_decoder_is_causal():
