@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from lmforge.generation import SamplingParams, generate, left_pad
-from lmforge.model import (KVCache, RMSNorm, Transformer, apply_rotary, build_attention_mask, last_token_index,
-                           rotary_cos_sin)
+from lmforge.model import (
+    KVCache,
+    RMSNorm,
+    Transformer,
+    apply_rotary,
+    build_attention_mask,
+    last_token_index,
+    rotary_cos_sin,
+)
 from tests.conftest import tiny_config
 
 
