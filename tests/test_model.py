@@ -46,6 +46,9 @@ def test_rms_norm_backward_is_the_derivative():
     theirs = torch.autograd.grad(ref, (x, norm.weight), up)
     for a, b in zip(ours, theirs):
         assert torch.allclose(a, b, atol=1e-12)
+    norm.weight.requires_grad_(False)  # a frozen norm (reference model, LoRA's base): only d(x)
+    d_x, = torch.autograd.grad(norm(x), x, up)
+    assert torch.allclose(d_x, theirs[0], atol=1e-12) and norm.weight.grad is None
 
 
 def test_rms_norm_in_bf16_normalises_in_fp32_and_returns_the_promoted_dtype():

@@ -112,10 +112,12 @@ class _RMSNormFunction(torch.autograd.Function):
             acc = r.dtype
             xf, g, w = x.to(acc), grad.to(acc), weight.to(acc)
             gx = g * xf
-            d_weight = (gx.reshape(-1, gx.shape[-1]).mT @ r.reshape(-1, 1)).squeeze(-1)
+            d_weight = None
+            if ctx.needs_input_grad[1]:  # not for a frozen norm (reference model, LoRA's base)
+                d_weight = (gx.reshape(-1, gx.shape[-1]).mT @ r.reshape(-1, 1)).squeeze(-1).to(weight.dtype)
             dot = (gx @ w).unsqueeze(-1)                                   # sum_j g_j w_j x_j
             d_x = (g * w).mul_(r).addcmul_(xf, r.pow(3) * dot / x.shape[-1], value=-1)
-        return d_x.to(x.dtype), d_weight.to(weight.dtype), None
+        return d_x.to(x.dtype), d_weight, None
 
 
 class RMSNorm(nn.Module):

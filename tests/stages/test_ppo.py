@@ -340,10 +340,14 @@ def test_ptx_adds_exactly_gamma_times_the_lm_gradient(ck, tok, tmp_path):
     stats = trainer.minibatch_backward(exp, rows, ptx)
     mixed_actor, mixed_critic = _grads(trainer.actor), _grads(trainer.critic)
     trainer.actor.zero_grad(set_to_none=True)
-    lm = sum(lm_loss(trainer.actor(b)[:, :-1], b[:, 1:]) for b in ptx) / len(ptx)
-    lm.backward()
-    lm_grad = _grads(trainer.actor)
+    with torch.no_grad():  # the value against the plain loss over materialised logits
+        lm = sum(lm_loss(trainer.actor(b)[:, :-1], b[:, 1:]) for b in ptx) / len(ptx)
     assert stats["ptx_loss"] == pytest.approx(lm.item(), rel=1e-5)
+    # The gradient against the same (fused) loss on its own: a fused-vs-plain comparison would test the kernels'
+    # fp32 rounding (tests/test_losses.py does), not the mixing. Gradients of tokens that only the LM batches
+    # touch differ from the plain loss's by up to ~2e-4 relative.
+    (sum(trainer.ptx_loss(b) for b in ptx) / len(ptx)).backward()
+    lm_grad = _grads(trainer.actor)
     for mixed, plain, lg in zip(mixed_actor, plain_actor, lm_grad):
         assert torch.allclose(mixed - plain, gamma * lg, atol=1e-6, rtol=1e-4)
     assert any(lg.abs().sum() > 0 for lg in lm_grad)
