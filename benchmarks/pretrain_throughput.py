@@ -68,6 +68,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: the default run's pretraining optimizer (its Newton-Schulz steps count as overhead)")
     p.add_argument("--unfused", action="store_true", help="full (B, T, V) logits, then F.cross_entropy")
     p.add_argument("--compete", type=int, default=0,
                    help="after the quiet steps, time as many again beside this many busy-looping processes")
@@ -88,7 +90,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
     fpt = model.flops_per_token(args.seq)
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-4))
+    optimizer = build_optimizer(model, OptimConfig(optimizer=args.optimizer, lr=1e-4))
     step_model = torch.compile(model) if args.compile else model
     x = torch.randint(0, args.vocab, (batch, args.seq + 1), device=device)
     inputs, targets = x[:, :-1], x[:, 1:]
@@ -134,7 +136,7 @@ def main() -> None:
 
     print(f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"device {torch.cuda.get_device_name(device)}")
     print(f"model: {args.layers} layers x {args.width} wide, {args.heads} heads, seq {args.seq}, vocab {args.vocab}, "
-          f"{model.num_params() / 1e6:.2f}M params; batch {batch}; compile {args.compile}; "
+          f"{model.num_params() / 1e6:.2f}M params; batch {batch}; compile {args.compile}; {args.optimizer}; "
           f"loss {'logits + F.cross_entropy' if args.unfused else 'fused LM-head cross-entropy'}")
     print(f"FLOPs per token (6N + 12LHQT): {fpt / 1e6:.1f}M; warm-up {args.warmup} steps in {warm_s:.1f}s")
     print(f"step time median {dt * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}) over {args.steps} steps")
