@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import lmforge.packing as packing
 import lmforge.rollout as rollout
 from lmforge.checkpoint import load_model
 from lmforge.cli import keep_freed_memory
@@ -70,7 +71,7 @@ def main() -> None:
             rollout.response_hidden = padded_response_hidden
         else:
             rollout.response_hidden = packed_response_hidden
-            rollout.PACK_WIDTH = int(layout)
+            packing.MIN_WIDTH = int(layout)
         trainer.actor.load_state_dict(state[0])
         trainer.critic.load_state_dict(state[1])
         mb = cfg.micro_batch_size

@@ -21,6 +21,7 @@ from lmforge.chat import turn_stop_ids
 from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingParams, generate, left_pad
 from lmforge.model import Transformer
+from lmforge.packing import pack_batch
 from lmforge.prompts import Prompt, encode_prompts, read_prompts
 from lmforge.rl_utils import logprobs_from_logits
 from lmforge.tokenizer import Tokenizer
@@ -98,78 +99,19 @@ def sample_responses(actor: Transformer, tok: Tokenizer, prompts: list[Prompt], 
     return Samples(exp, gen.tokens, ended, gen.logprobs)
 
 
-@dataclass
-class PackedRows:
-    """The real tokens of a padded RL batch laid end to end in fewer, fuller rows (see `pack_experience`)."""
-    input_ids: torch.Tensor       # (K, C)
-    attention_mask: torch.Tensor  # (K, C) 1 on real tokens
-    position_ids: torch.Tensor    # (K, C) restarting at 0 for every rollout
-    segment_ids: torch.Tensor     # (K, C) 1, 2, ... per rollout within a row, 0 on padding
-    response_index: torch.Tensor  # (B * R,) flat index into (K * C + 1) hidden rows; K * C = a zero row (padding)
-
-
-def pack_rows_first_fit(lengths: list[int], capacity: int) -> list[tuple[int, int]]:
-    """(row, offset) for each sequence of `lengths`, longest first into the first row with room (first fit
-    decreasing: within 11/9 of the fewest rows). Deterministic, so scoring and update pack a batch alike."""
-    place: list[tuple[int, int]] = [(0, 0)] * len(lengths)
-    used: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        k = next((k for k, u in enumerate(used) if u + lengths[i] <= capacity), len(used))
-        if k == len(used):
-            used.append(0)
-        place[i] = (k, used[k])
-        used[k] += lengths[i]
-    return place
-
-
-def pack_experience(exp: Experience, capacity: int) -> PackedRows:
-    """Pack each rollout's real tokens (its prompt without the left padding, its response without the right
-    padding) into rows of `capacity` tokens, attention kept within a rollout and positions restarting, so a
-    model computes exactly what it computes on the padded batch. Padding is most of a padded RL batch once
-    responses vary in length: one long response sets R for all rows (~2x the real tokens in the default run)."""
-    dev, (B, W), P, R = exp.input_ids.device, exp.input_ids.shape, exp.prompt_len, exp.mask.shape[1]
-    prompt_lens = exp.attention_mask[:, :P].sum(1).long()
-    resp_lens = exp.attention_mask[:, P:].sum(1).long()  # = exp.mask's row sums (both from lengths)
-    lengths = prompt_lens + resp_lens
-    place = torch.tensor(pack_rows_first_fit(lengths.tolist(), capacity), dtype=torch.long, device=dev)
-    start = place[:, 0] * capacity + place[:, 1]  # (B,) flat packed index of each rollout's first token
-    K = int(place[:, 0].max()) + 1
-    j = torch.arange(int(lengths.max()), device=dev)[None]                           # (1, Lmax)
-    real = j < lengths[:, None]                                                        # (B, Lmax)
-    src = (torch.arange(B, device=dev)[:, None] * W + (P - prompt_lens)[:, None] + j)[real]
-    dst = (start[:, None] + j)[real]
-    ids = torch.zeros(K * capacity, dtype=torch.long, device=dev)
-    ids[dst] = exp.input_ids.reshape(-1)[src]
-    mask, pos, seg = (torch.zeros(K * capacity, dtype=torch.long, device=dev) for _ in range(3))
-    mask[dst] = 1
-    pos[dst] = j.expand(B, -1)[real]
-    seg[dst] = (torch.arange(B, device=dev) + 1)[:, None].expand_as(real)[real]  # unique per rollout
-    t = torch.arange(R, device=dev)[None]
-    # response token t of rollout i is predicted from its sequence position prompt_len_i - 1 + t
-    index = torch.where(t < resp_lens[:, None], start[:, None] + prompt_lens[:, None] - 1 + t, K * capacity)
-    return PackedRows(ids.view(K, capacity), mask.view(K, capacity), pos.view(K, capacity), seg.view(K, capacity),
-                      index.reshape(-1))
-
-
-def packed_capacity(exp: Experience, max_positions: int) -> int:
-    """Row width for packing: at least the longest rollout, at most the model's context. Wider rows pack more
-    densely but attention costs grow with the width (measured: BENCHMARKS.md, "PPO iteration")."""
-    longest = int((exp.attention_mask.sum(1)).max())
-    return min(max_positions, max(longest, PACK_WIDTH))
-
-
-PACK_WIDTH = 128
-
-
 def response_hidden(model: Transformer, exp: Experience) -> torch.Tensor:
     """Hidden states at the columns that predict the response tokens: (B, R, d), zeros past each response's end
-    (the masks ignore them). Computed on the packed rollouts (`pack_experience`): the same values as the padded
-    batch `model.hidden_states(exp.input_ids, exp.attention_mask)[:, P - 1:-1]` (tested), without its padding."""
-    packed = pack_experience(exp, packed_capacity(exp, model.config.max_position_embeddings))
-    h = model.hidden_states(packed.input_ids, attention_mask=packed.attention_mask,
-                            position_ids=packed.position_ids, segment_ids=packed.segment_ids)
-    flat = torch.cat([h.reshape(-1, h.shape[-1]), h.new_zeros(1, h.shape[-1])])
-    return flat[packed.response_index].view(exp.mask.shape[0], exp.mask.shape[1], -1)
+    (the masks ignore them). The model runs on the rollouts packed end to end (packing.pack_batch): the same
+    values as on the padded batch, `model.hidden_states(exp.input_ids, exp.attention_mask)[:, P - 1:-1]`
+    (tested), without its padding: one long response no longer sets the width of every row."""
+    packed = pack_batch(exp.input_ids, exp.attention_mask, model.config.max_position_embeddings)
+    h = model.hidden_states(packed.input_ids, **packed.inputs)
+    flat = torch.cat([h.reshape(-1, h.shape[-1]), h.new_zeros(1, h.shape[-1])])  # the last row: padding
+    B, R = exp.mask.shape
+    rows = torch.arange(B, device=exp.mask.device)[:, None].expand(B, R)
+    cols = exp.prompt_len - 1 + torch.arange(R, device=exp.mask.device)[None].expand(B, R)
+    index = torch.where(exp.mask.bool(), packed.flat_index(rows, cols), flat.shape[0] - 1)
+    return flat[index]
 
 
 def policy_logprobs(model: Transformer, exp: Experience, temperature: float, with_entropy: bool = False):

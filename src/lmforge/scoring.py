@@ -19,6 +19,7 @@ from lmforge.checkpoint import load_model, read_config
 from lmforge.errors import LmforgeError
 from lmforge.generation import left_pad
 from lmforge.model import Transformer, last_token_index
+from lmforge.packing import pack_batch
 from lmforge.tokenizer import check_same_tokenizer
 from lmforge.training import autocast
 
@@ -46,9 +47,15 @@ def pool_scores(values: torch.Tensor, attention_mask: torch.Tensor, pooling: str
 
 
 def raw_scores(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last") -> torch.Tensor:
-    """Un-normalised reward of each row (B,)."""
-    values = model(input_ids, attention_mask=attention_mask)
-    return pool_scores(values.float(), attention_mask, pooling)
+    """Un-normalised reward of each row (B,): the model runs on the rows packed end to end (packing.pack_batch),
+    the same scores as `pool_scores` over the padded batch (tested) without computing its padding; the scalar
+    head only where the pooling reads it ("last", "first")."""
+    if pooling not in ("last", "first", "mean"):
+        raise ValueError(f"unknown pooling {pooling!r}")
+    packed = pack_batch(input_ids, attention_mask, getattr(model, "module", model).config.max_position_embeddings)
+    if pooling == "mean":
+        return packed.segment_mean(model(packed.input_ids, **packed.inputs).float())
+    return model(packed.input_ids, **packed.inputs, head_at=packed.ends(pooling)).float()
 
 
 def normalize(raw: torch.Tensor, meta: dict) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Reward model: K-way pairs with ties, the score token under any padding, losses against hand computations,
 learning a synthetic preference rule (decoder and encoder), regression, normalisation, scoring, bad input."""
 
+import dataclasses
 import json
 import math
 import random
@@ -154,6 +155,19 @@ def test_score_at_last_real_token_for_left_and_right_padded_mixed_lengths(tok):
     rm = RewardScorer(model, tok, {"stage": "rm", "reward_mean": 0.5, "reward_std": 2.0})
     assert torch.allclose(rm.score_ids(left_ids, left_mask), (alone - 0.5) / 2.0, atol=1e-5)
     assert torch.allclose(rm.score_ids(right_ids, right_mask), (alone - 0.5) / 2.0, atol=1e-5)
+
+
+def test_packed_scores_equal_pooling_over_the_padded_batch():
+    """raw_scores runs the model on packed rows: the same scores as pool_scores over the padded batch."""
+    seqs = [[1, 5, 9, 33, 40, 41, 6], [1, 7, 6], [1, 8, 12, 13, 6], [2], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    ids, mask = left_pad(seqs, pad_id=0)
+    for is_causal in (True, False):
+        torch.manual_seed(0)
+        model = Transformer(dataclasses.replace(tiny_config(), is_causal=is_causal), head="scalar").double().eval()
+        per_position = model(ids, attention_mask=mask)
+        for pooling in ("last", "first", "mean"):
+            expected = pool_scores(per_position, mask, pooling)
+            assert torch.allclose(raw_scores(model, ids, mask, pooling).double(), expected, atol=1e-10), pooling
 
 
 def test_rendering_is_the_chat_template_ending_with_end_or_the_encoder_pair(tok):

@@ -53,6 +53,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.lora import (LoraConfig, apply_lora, check_resume_rank, load_trainable_state_dict, merged_copy,
                           trainable_state_dict)
 from lmforge.model import Transformer
+from lmforge.packing import pack_batch
 from lmforge.preferences import PreferencePair, data_kind, load_data, preference_pairs, split_by_prompt
 from lmforge.rl_utils import dpo_loss, logprobs_from_logits
 from lmforge.rundir import RunDir
@@ -177,9 +178,11 @@ def collate(seqs: list[tuple[list[int], int]], pad_id: int, device=None) -> dict
 
 def token_logprobs(model: Transformer, batch: dict) -> torch.Tensor:
     """fp32 log-prob of every response token (flat, in the order of batch["rows"]): one forward pass for the whole
-    batch, the LM head only at the positions that predict a response token (position t - 1 predicts token t)."""
+    batch, on its sequences packed end to end (packing.pack_batch: the padded batch's values without its padding),
+    the LM head only at the positions that predict a response token (position t - 1 predicts token t)."""
     rows, cols = batch["rows"], batch["cols"]
-    logits = model(batch["ids"], attention_mask=batch["mask"], head_at=(rows, cols - 1))
+    packed = pack_batch(batch["ids"], batch["mask"], getattr(model, "module", model).config.max_position_embeddings)
+    logits = model(packed.input_ids, **packed.inputs, head_at=packed.locate(rows, cols - 1))
     return logprobs_from_logits(logits, batch["ids"][rows, cols])
 
 
