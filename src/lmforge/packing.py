@@ -2,7 +2,7 @@
 
 A padded batch is as wide as its longest sequence, so batches of mixed lengths (RL rollouts, reward-model
 responses, DPO pairs) spend much of their compute on padding: in the default run one long PPO response sets the
-width of all 32 rows, and 73% of the tokens are padding once the policy answers briefly. `pack_batch` moves each
+width of every rollout's row, and 73% of a batch's tokens were padding once the policy answered briefly. `pack_batch` moves each
 row's real tokens (one contiguous span, left or right padded) into rows of `capacity` tokens; segment ids keep
 attention within a sequence and positions restart at 0, so the model computes exactly what it computes on the
 padded batch (tests/test_packing.py), on fewer tokens. `locate` maps (row, column) of the padded batch to the
