@@ -63,15 +63,14 @@ class PackedBatch:
     def locate(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed rows, packed columns) of padded positions (rows, cols), which must be real tokens: e.g.
         `head_at` for Transformer.forward."""
-        flat = self.flat_index(rows, cols)
-        C = self.input_ids.shape[1]
-        return flat // C, flat % C
+        return self._rows_cols(self.flat_index(rows, cols))
 
     def ends(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed rows, packed columns) of each sequence's "first" or "last" token."""
-        flat = self.start + (self.lengths - 1 if which == "last" else 0)
-        C = self.input_ids.shape[1]
-        return flat // C, flat % C
+        return self._rows_cols(self.start + (self.lengths - 1 if which == "last" else 0))
+
+    def _rows_cols(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return flat // self.input_ids.shape[1], flat % self.input_ids.shape[1]
 
     def segment_mean(self, values: torch.Tensor) -> torch.Tensor:
         """(K, C) per-position values -> (N,) the mean over each sequence's tokens."""
