@@ -123,6 +123,24 @@ def test_a_rows_draw_depends_on_its_own_uniforms_not_on_the_batch():
     assert ends.tokens[0] == [vocab - 1]
 
 
+def test_rows_that_stop_early_leave_the_batch_and_the_rest_continue_as_alone():
+    """A row that draws a stop token leaves the batch (its KV cache rows are dropped in place): every row's tokens
+    and log-probs are still those it draws alone with the same uniforms."""
+    model = _model()
+    prompts = [[5, 9, 3], [7], [2, 8, 8, 4, 6], [1, 1], [4, 2]]
+    u = torch.rand(len(prompts), 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    free = generate(model, prompts, SamplingParams(8, 1.0), [], 0, uniforms=u)
+    stops = [free.tokens[0][1], free.tokens[3][2]]  # rows 0 and 3 stop at their second and third tokens
+    batch = generate(model, prompts, SamplingParams(8, 1.0), stops, 0, uniforms=u)
+    lengths = [len(t) for t in batch.tokens]
+    # two of five rows left early (generate drops rows once at most 3/4 are live) while others ran to the end
+    assert sorted(lengths)[1] <= 3 and max(lengths) == 8
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], SamplingParams(8, 1.0), stops, 0, uniforms=u[i:i + 1])
+        assert alone.tokens[0] == batch.tokens[i] and alone.finished[0] == batch.finished[i]
+        assert torch.allclose(torch.tensor(alone.logprobs[0]), torch.tensor(batch.logprobs[i]), atol=1e-5)
+
+
 def test_generate_batched_responses_do_not_depend_on_the_batch_size(tok):
     """Each row's uniforms are drawn up front in input order, so batches of 1, 3 or all rows (sorted by length,
     so grouped differently) give every row the same response for one seed, and another seed changes them."""

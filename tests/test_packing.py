@@ -4,7 +4,7 @@ restarting, segments per sequence) against the padded batch, for left, right and
 import torch
 
 from lmforge.model import ModelConfig, Transformer
-from lmforge.packing import first_fit_decreasing, pack_batch
+from lmforge.packing import MIN_WIDTH, first_fit_decreasing, pack_batch, packed_width
 
 
 def test_first_fit_decreasing_fills_rows_without_overlap():
@@ -66,8 +66,18 @@ def test_packed_rows_compute_what_the_padded_batch_computes():
 
 
 def test_width_is_at_least_the_longest_sequence_and_at_most_the_context():
-    ids, mask = _batch([(0, 40), (0, 3)], 40)
-    assert pack_batch(ids, mask, max_positions=256).input_ids.shape == (1, 128)
-    assert pack_batch(ids, mask, max_positions=64).input_ids.shape == (1, 64)
+    ids, mask = _batch([(0, 40), (0, 3), (0, 30), (0, 35), (0, 20)], 40)  # 128 tokens
+    assert pack_batch(ids, mask, max_positions=256).input_ids.shape == (1, 128)  # against 4 rows of 40
+    assert pack_batch(ids, mask, max_positions=64).input_ids.shape == (4, 40)  # 3 rows of 64 hold more slots
     ids, mask = _batch([(0, 200), (0, 100)], 200)
     assert pack_batch(ids, mask, max_positions=512).input_ids.shape == (2, 200)
+
+
+def test_width_is_the_one_that_leaves_fewer_slots():
+    """Sequences of similar length (a batch sorted by length) fill rows of the longest; rows of MIN_WIDTH would
+    hold one each and add padding. Mixed lengths pack into fewer slots in wide rows."""
+    similar = [70, 72, 75, 71]
+    assert packed_width(similar, 256) == 75  # 4 x 75 = 300 slots against 4 x 128 = 512
+    mixed = [60, 20, 58, 25, 61, 22]
+    assert packed_width(mixed, 256) == MIN_WIDTH  # 2 x 128 = 256 slots against 5 x 61 = 305
+    assert packed_width(mixed, 100) == 100  # capped by the context: 3 x 100 = 300 slots, still fewer

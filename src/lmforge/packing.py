@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_WIDTH = 128  # packed rows at least this wide (if the model's context allows): measured in BENCHMARKS.md
+MIN_WIDTH = 128  # rows this wide (if the model's context allows) when that packs into fewer slots: BENCHMARKS.md
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[tuple[int, int]]:
@@ -34,10 +34,20 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[tuple[int, i
     return place
 
 
-def packed_width(longest: int, max_positions: int) -> int:
-    """Row width: at least the longest sequence and MIN_WIDTH, at most the model's context. Wider rows pack more
-    densely, but attention within a packed row costs width² however few tokens share it."""
-    return min(max_positions, max(longest, MIN_WIDTH))
+def packed_width(lengths: list[int], max_positions: int) -> int:
+    """Row width for packing `lengths`: the longest sequence, or MIN_WIDTH (at most the model's context) when its
+    rows hold fewer slots (rows x width) in all. Mixed lengths (RL rollouts) pack densely into wide rows;
+    similar lengths (batches sorted by length) already fill rows of the longest, where wider rows would hold one
+    sequence each and add padding. Attention within a row costs width², so no wider than MIN_WIDTH."""
+    longest = max(lengths)
+    wide = min(max_positions, max(longest, MIN_WIDTH))
+    if wide == longest:
+        return longest
+
+    def slots(width: int) -> int:
+        return width * (1 + max(row for row, _ in first_fit_decreasing(lengths, width)))
+
+    return wide if slots(wide) < slots(longest) else longest
 
 
 @dataclass
@@ -87,7 +97,7 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_positi
     lengths = real.sum(1)
     first = real.long().argmax(1)  # first real column (0 for an empty row)
     if capacity is None:
-        capacity = packed_width(int(lengths.max()), max_positions)
+        capacity = packed_width(lengths.tolist(), max_positions)
     place = torch.tensor(first_fit_decreasing(lengths.tolist(), capacity), dtype=torch.long, device=dev)
     start = place[:, 0] * capacity + place[:, 1]
     K = int(place[:, 0].max()) + 1
