@@ -1,10 +1,16 @@
 """rollout.py: the policy, reference and critic passes over packed rollouts against the padded batch they
-replace (hidden states, log-probs, values and gradients), with responses of every length (0 included)."""
+replace (hidden states, log-probs, values and gradients), with responses of every length (0 included); the
+sampler's log-probs against the teacher-forced ones they stand in for."""
 
 import torch
 
+from lmforge.chat import turn_stop_ids
+from lmforge.generation import SamplingParams
 from lmforge.model import ModelConfig, Transformer
-from lmforge.rollout import Experience, critic_values, policy_logprobs, response_hidden
+from lmforge.prompts import Prompt
+from lmforge.rollout import (Experience, critic_values, policy_logprobs, response_hidden, sample_responses,
+                             sampler_logprobs, use_sampler_logprobs)
+from tests.conftest import tiny_config
 
 PAD = 0
 
@@ -65,3 +71,30 @@ def test_policy_logprobs_and_values_from_packed_rows_match_the_padded_batch():
         assert torch.allclose(logp[m], ref[m], atol=1e-5)
         values = critic_values(critic, exp)
         assert torch.allclose(values[m], critic.scores(_padded_response_hidden(critic, exp))[m], atol=1e-5)
+
+
+def test_sampler_logprobs_are_the_teacher_forced_logprobs(tok):
+    """The log-probs the KV-cache decode computed for its draws equal a teacher-forced pass over the rollouts
+    (fp32, to ~1e-6) at every response token, the closing <|end|> included, zeros past each response's end;
+    rows that stopped early and rows that ran to max_new_tokens, at two temperatures and under top-k."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=tok.vocab_size))
+    with torch.no_grad():  # make <|end|> likely enough that some rows stop early
+        model.lm_head.weight[turn_stop_ids(tok)[0]] = model.lm_head.weight.mean(0) + 0.5
+    prompts = [Prompt([], t, ids=tok.encode(t)) for t in ("the quick", "a", "brown fox jumps over", "lazy dog", "the")]
+    ended = set()
+    for params in (SamplingParams(12, 0.7), SamplingParams(12, 1.0), SamplingParams(12, 1.0, top_k=20)):
+        samples = sample_responses(model, tok, prompts, params, torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            recomputed = policy_logprobs(model, samples.experience, params.temperature)
+        from_sampler = sampler_logprobs(samples)
+        m = samples.experience.mask.bool()
+        assert torch.allclose(from_sampler[m], recomputed[m], atol=1e-5)
+        assert (from_sampler[~m] == 0).all()
+        ended.update(samples.ended)
+    assert ended == {True, False}
+
+
+def test_old_logprobs_auto_takes_the_samplers_on_cpu_only():
+    assert use_sampler_logprobs("auto", "cpu") and use_sampler_logprobs("sampler", "cuda")
+    assert not use_sampler_logprobs("auto", "cuda") and not use_sampler_logprobs("recompute", "cpu")

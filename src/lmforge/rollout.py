@@ -99,6 +99,26 @@ def sample_responses(actor: Transformer, tok: Tokenizer, prompts: list[Prompt], 
     return Samples(exp, gen.tokens, ended, gen.logprobs)
 
 
+def sampler_logprobs(samples: Samples) -> torch.Tensor:
+    """(B, R) log-probs the sampler computed for the tokens it drew, under softmax(logits / T) whatever top-k or
+    top-p chose (generation.generate), zeros past each response's end: the "old" log-probs without a second
+    forward pass over the rollouts."""
+    m = samples.experience.mask
+    out = torch.zeros(m.shape, dtype=torch.float32)
+    for i, lp in enumerate(samples.gen_logprobs):
+        out[i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    return out.to(m.device)
+
+
+def use_sampler_logprobs(choice: str, device: torch.device | str) -> bool:
+    """Whether PPO / GRPO take the "old" log-probs from the sampler (`old_logprobs` "sampler") or recompute them
+    teacher-forced ("recompute": the update's own kernels, so the first ratio is exactly 1, as TRL and OpenRLHF
+    do). "auto": the sampler's on a CPU, where the model runs in fp32 and the KV-cache decode agrees with the
+    teacher-forced pass to ~1e-5 (tests/test_rollout.py), saving one policy forward per rollout; recomputed on
+    a GPU, where bf16 autocast makes the two kernels differ by ~1e-2."""
+    return choice == "sampler" or (choice == "auto" and torch.device(device).type == "cpu")
+
+
 def response_hidden(model: Transformer, exp: Experience) -> torch.Tensor:
     """Hidden states at the columns that predict the response tokens: (B, R, d), zeros past each response's end
     (the masks ignore them). The model runs on the rollouts packed end to end (packing.pack_batch): the same

@@ -105,9 +105,24 @@ def test_decoupled_clip_by_hand():
 
 # ---------------------------------------------------------------------------------------------- trainer
 
+def test_sampler_old_logprobs_match_the_recomputed_ones(ck, tok, tmp_path):
+    """old_logprobs "sampler" (what "auto" picks on a CPU): the same rollouts and, to rounding, the same old
+    log-probs, KL and first ratio as the teacher-forced recompute."""
+    exps = {}
+    for choice in ("recompute", "sampler"):
+        trainer = build_trainer(_cfg(ck, tmp_path, kl_coef=0.5, old_logprobs=choice), tok)
+        exps[choice] = trainer.make_experience(_prompts(ck, tok), torch.Generator().manual_seed(2))
+    (exp_r, samples_r, _), (exp_s, samples_s, stats) = exps["recompute"], exps["sampler"]
+    assert samples_s.responses == samples_r.responses
+    m = exp_s.mask.bool()
+    assert torch.allclose(exp_s.logprobs[m], exp_r.logprobs[m], atol=1e-5) and abs(stats["kl"]) < 1e-4
+    st = trainer.minibatch_backward(exp_s, torch.arange(8))
+    assert st["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and st["clipfrac"] == 0.0
+
+
 def test_first_ratio_is_one_and_kl_zero_at_the_reference(ck, tok, tmp_path):
     for kw in ({}, {"lora": {"rank": 2, "targets": ["all-linear"]}}):
-        trainer = build_trainer(_cfg(ck, tmp_path, kl_coef=0.5, **kw), tok)
+        trainer = build_trainer(_cfg(ck, tmp_path, kl_coef=0.5, old_logprobs="recompute", **kw), tok)
         assert not any(isinstance(m, LoRALinear) for m in trainer.ref.modules())
         exp, samples, stats = trainer.make_experience(_prompts(ck, tok), torch.Generator().manual_seed(2))
         assert exp.input_ids.shape[0] == 8 and len({len(t) for t in samples.responses}) > 1

@@ -215,13 +215,29 @@ def test_reward_model_scores_the_full_sequence_at_its_last_token(ck, tok, tmp_pa
 
 def test_kl_is_exactly_zero_and_first_ratio_one_when_actor_equals_reference(ck, tok, tmp_path):
     for estimator in ("k1", "k3"):
-        trainer = build_trainer(_cfg(ck, tmp_path, kl_estimator=estimator, kl_coef=0.5), tok)
+        trainer = build_trainer(_cfg(ck, tmp_path, kl_estimator=estimator, kl_coef=0.5, old_logprobs="recompute"), tok)
         exp, _, stats = trainer.make_experience(_prompts(ck, tok), torch.Generator().manual_seed(2))
         assert torch.equal(exp.logprobs, exp.ref_logprobs)
         assert stats["kl"] == 0.0 and stats["non_score_reward"] == 0.0
         st = trainer.minibatch_backward(exp, torch.arange(8))  # before any update: pi == pi_old
         assert st["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and st["clipfrac"] == 0.0
         assert abs(st["approx_kl"]) < 1e-10 and abs(st["ratio_var"]) < 1e-6
+
+
+def test_sampler_old_logprobs_give_the_same_experience_to_rounding(ck, tok, tmp_path):
+    """old_logprobs "sampler" (what "auto" picks on a CPU) skips the policy's teacher-forced pass: the same
+    rollouts, old log-probs within 1e-5 of the recomputed ones, a KL of ~0 and a first ratio of ~1."""
+    runs = {}
+    for choice in ("recompute", "sampler"):
+        trainer = build_trainer(_cfg(ck, tmp_path, kl_coef=0.5, old_logprobs=choice), tok)
+        runs[choice] = trainer.make_experience(_prompts(ck, tok), torch.Generator().manual_seed(2)) + (trainer,)
+    (exp_r, samples_r, _, _), (exp_s, samples_s, stats, trainer) = runs["recompute"], runs["sampler"]
+    assert samples_s.responses == samples_r.responses
+    m = exp_s.mask.bool()
+    assert torch.allclose(exp_s.logprobs[m], exp_r.logprobs[m], atol=1e-5) and (exp_s.logprobs[~m] == 0).all()
+    assert abs(stats["kl"]) < 1e-4
+    st = trainer.minibatch_backward(exp_s, torch.arange(8))
+    assert st["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and st["clipfrac"] == 0.0
 
 
 def test_no_eos_penalty_is_judged_on_the_response_only(ck, tok, tmp_path):
@@ -397,7 +413,7 @@ def _optimized(opt):
 
 
 def test_lora_trains_only_adapters_and_the_value_head(ck, tok, tmp_path):
-    trainer = build_trainer(_cfg(ck, tmp_path, **LORA, minibatch_size=8, micro_batch_size=4,
+    trainer = build_trainer(_cfg(ck, tmp_path, **LORA, minibatch_size=8, micro_batch_size=4, old_logprobs="recompute",
                                  actor_optim={"lr": 1e-2, "eps": 1e-5, "warmup_steps": 0}), tok)
     actor_trainable = {n for n, p in trainer.actor.named_parameters() if p.requires_grad}
     critic_trainable = {n for n, p in trainer.critic.named_parameters() if p.requires_grad}
@@ -588,7 +604,7 @@ def test_cli_end_to_end_and_exact_resume(ck, tok, tmp_path, capsys):
 def test_adaptive_beta_is_logged_and_saved(ck, tok, tmp_path):
     out = tmp_path / "adaptive"
     assert main(_args(ck, out, "iterations=2", "kl_coef=0.1", "kl_target=0.001", "kl_horizon=100",
-                      "kl_estimator=k3")) == 0
+                      "kl_estimator=k3", "old_logprobs=recompute")) == 0
     m = read_metrics(out)
     assert m[0]["beta"] == 0.1 and m[0]["kl"] == 0.0  # iteration 1: policy == reference, KL 0 < target
     beta1 = 0.1 * (1 - 0.2 * 4 / 100)                  # ... so beta shrinks by the clipped error -0.2

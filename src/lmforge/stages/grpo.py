@@ -41,7 +41,7 @@ from lmforge.model import Transformer
 from lmforge.rl_utils import clipped_surrogate, group_advantages, kl_estimate
 from lmforge.rollout import (Experience, Prompt, RewardFn, RLTrainer, Samples, check_process_split, in_chunks, load_prompts,
                              load_reward_fn, minibatch_epochs, policy_logprobs, prompt_indices, sample_responses,
-                             scores_from_fn)
+                             sampler_logprobs, scores_from_fn, use_sampler_logprobs)
 from lmforge.rundir import RunDir
 from lmforge.scoring import RewardScorer, check_reward_model, disable_dropout
 from lmforge.stage import Stage, StageContext
@@ -87,6 +87,9 @@ class GRPOConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     no_eos_penalty: float = 1.0          # subtracted from the reward of a response that never stopped
+    # "old" log-probs: the sampler's, or recomputed teacher-forced; auto: the sampler's on CPU (fp32), recomputed
+    # on GPU (bf16 autocast) (rollout.use_sampler_logprobs)
+    old_logprobs: Literal["auto", "sampler", "recompute"] = "auto"
     # advantages
     scale_rewards: bool = True           # divide by the group's std (GRPO); false: Dr. GRPO
     adv_eps: float = 1e-4                # A = (r - mean) / (std + adv_eps)
@@ -199,9 +202,10 @@ class GRPOTrainer(RLTrainer):
         exp = samples.experience
         t1 = synced_time(dev)
         with autocast(dev):
-            # "Old" log-probs recomputed teacher-forced, not taken from the sampler: the same kernels as the
-            # update, so the first ratio is exactly 1.
-            exp.logprobs = in_chunks(lambda e: policy_logprobs(self.policy, e, cfg.temperature), exp, mb)
+            if use_sampler_logprobs(cfg.old_logprobs, dev):  # what the KV-cache decode computed already
+                exp.logprobs = sampler_logprobs(samples)
+            else:  # teacher-forced: the same kernels as the update, so the first ratio is exactly 1
+                exp.logprobs = in_chunks(lambda e: policy_logprobs(self.policy, e, cfg.temperature), exp, mb)
             t2 = synced_time(dev)
             exp.ref_logprobs = in_chunks(lambda e: policy_logprobs(self.ref, e, cfg.temperature), exp, mb)
         t3 = synced_time(dev)

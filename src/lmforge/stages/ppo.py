@@ -43,7 +43,7 @@ from lmforge.rl_utils import (KLController, clipped_surrogate, clipped_value_los
                               kl_estimate, masked_mean, masked_whiten, token_rewards)
 from lmforge.rollout import (Experience, Prompt, RewardFn, RLTrainer, Samples, check_process_split, critic_values,
                              in_chunks, load_prompts, minibatch_epochs, policy_logprobs, prompt_indices,
-                             sample_responses, scores_from_fn)
+                             sample_responses, sampler_logprobs, scores_from_fn, use_sampler_logprobs)
 from lmforge.ptx import PtxConfig, PtxSource
 from lmforge.tokenizer import Tokenizer
 from lmforge.distributed import DistInfo, gather_rows, init_distributed, sum_gradients
@@ -75,6 +75,9 @@ class PPOConfig:
     top_p: float = 1.0
     no_eos_penalty: float = 1.0          # subtracted from the score of a response that never stopped
     no_eos_score: float | None = None    # or: replace that score by this fixed value (N+ uses -1)
+    # "old" log-probs: the sampler's, or recomputed teacher-forced; auto: the sampler's on CPU (fp32), recomputed
+    # on GPU (bf16 autocast) (rollout.use_sampler_logprobs)
+    old_logprobs: Literal["auto", "sampler", "recompute"] = "auto"
     # reward
     kl_coef: float = 0.02                # beta (InstructGPT 0.02)
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -197,9 +200,10 @@ class PPOTrainer(RLTrainer):
         exp = samples.experience
         t1 = synced_time(dev)
         with autocast(dev):
-            # "Old" log-probs are recomputed teacher-forced rather than taken from the sampler: the same
-            # kernels as the update, so the first ratio is exactly 1 (the sampler agrees to ~1e-5 in fp32).
-            exp.logprobs = in_chunks(lambda e: policy_logprobs(self.actor, e, cfg.temperature), exp, mb)
+            if use_sampler_logprobs(cfg.old_logprobs, dev):  # what the KV-cache decode computed already
+                exp.logprobs = sampler_logprobs(samples)
+            else:  # teacher-forced: the same kernels as the update, so the first ratio is exactly 1
+                exp.logprobs = in_chunks(lambda e: policy_logprobs(self.actor, e, cfg.temperature), exp, mb)
             t2 = synced_time(dev)
             exp.ref_logprobs = in_chunks(lambda e: policy_logprobs(self.ref, e, cfg.temperature), exp, mb)
             t3 = synced_time(dev)
