@@ -95,6 +95,7 @@ def test_sampler_logprobs_are_the_teacher_forced_logprobs(tok):
     assert ended == {True, False}
 
 
-def test_old_logprobs_auto_takes_the_samplers_on_cpu_only():
-    assert use_sampler_logprobs("auto", "cpu") and use_sampler_logprobs("sampler", "cuda")
-    assert not use_sampler_logprobs("auto", "cuda") and not use_sampler_logprobs("recompute", "cpu")
+def test_old_logprobs_auto_takes_the_samplers_for_an_fp32_policy_on_cpu_only():
+    fp32, bf16 = _model("lm"), _model("lm").to(torch.bfloat16)
+    assert use_sampler_logprobs("auto", fp32) and use_sampler_logprobs("sampler", bf16)
+    assert not use_sampler_logprobs("auto", bf16) and not use_sampler_logprobs("recompute", fp32)

@@ -110,13 +110,14 @@ def sampler_logprobs(samples: Samples) -> torch.Tensor:
     return out.to(m.device)
 
 
-def use_sampler_logprobs(choice: str, device: torch.device | str) -> bool:
+def use_sampler_logprobs(choice: str, policy: Transformer) -> bool:
     """Whether PPO / GRPO take the "old" log-probs from the sampler (`old_logprobs` "sampler") or recompute them
     teacher-forced ("recompute": the update's own kernels, so the first ratio is exactly 1, as TRL and OpenRLHF
-    do). "auto": the sampler's on a CPU, where the model runs in fp32 and the KV-cache decode agrees with the
-    teacher-forced pass to ~1e-5 (tests/test_rollout.py), saving one policy forward per rollout; recomputed on
-    a GPU, where bf16 autocast makes the two kernels differ by ~1e-2."""
-    return choice == "sampler" or (choice == "auto" and torch.device(device).type == "cpu")
+    do). "auto": the sampler's for an fp32 policy on a CPU (no autocast there), where the KV-cache decode agrees
+    with the teacher-forced pass to ~1e-6 (tests/test_rollout.py), saving one policy forward per rollout;
+    recomputed on a GPU, where bf16 autocast makes the two kernels differ by ~1e-2."""
+    p = next(policy.parameters())
+    return choice == "sampler" or (choice == "auto" and p.device.type == "cpu" and p.dtype == torch.float32)
 
 
 def response_hidden(model: Transformer, exp: Experience) -> torch.Tensor:

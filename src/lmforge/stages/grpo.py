@@ -202,7 +202,7 @@ class GRPOTrainer(RLTrainer):
         exp = samples.experience
         t1 = synced_time(dev)
         with autocast(dev):
-            if use_sampler_logprobs(cfg.old_logprobs, dev):  # what the KV-cache decode computed already
+            if use_sampler_logprobs(cfg.old_logprobs, self.policy):  # what the KV-cache decode computed already
                 exp.logprobs = sampler_logprobs(samples)
             else:  # teacher-forced: the same kernels as the update, so the first ratio is exactly 1
                 exp.logprobs = in_chunks(lambda e: policy_logprobs(self.policy, e, cfg.temperature), exp, mb)

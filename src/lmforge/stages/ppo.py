@@ -200,7 +200,7 @@ class PPOTrainer(RLTrainer):
         exp = samples.experience
         t1 = synced_time(dev)
         with autocast(dev):
-            if use_sampler_logprobs(cfg.old_logprobs, dev):  # what the KV-cache decode computed already
+            if use_sampler_logprobs(cfg.old_logprobs, self.actor):  # what the KV-cache decode computed already
                 exp.logprobs = sampler_logprobs(samples)
             else:  # teacher-forced: the same kernels as the update, so the first ratio is exactly 1
                 exp.logprobs = in_chunks(lambda e: policy_logprobs(self.actor, e, cfg.temperature), exp, mb)
