@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from lmforge import training
 from lmforge.errors import LmforgeError
 from lmforge.training import (LoopHooks, NonFiniteGuard, OptimConfig, clip_and_step, lr_at, step_generator,
                                train_loop)
@@ -126,3 +127,27 @@ def test_the_global_batch_is_kept_across_processes():
     assert [local_grad_accum(8, n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
     with pytest.raises(LmforgeError, match=r"config key 'optim.grad_accum' \(2\) must be a multiple of the number of processes \(4\)"):
         local_grad_accum(2, 4)
+
+
+def test_the_cpu_peak_is_measured_once_per_process_and_thread_count(monkeypatch):
+    calls = []
+
+    def measure(n: int = 1024, seconds: float = 0.5) -> float:
+        calls.append(n)
+        return 1e11 * len(calls)
+
+    monkeypatch.setattr(training, "measure_cpu_matmul_peak", measure)
+    monkeypatch.setattr(training, "_CPU_PEAK", {})
+    monkeypatch.setattr(training, "_CPU_PEAK_REMEASURED", set())
+    cpu = torch.device("cpu")
+    assert training.device_peak_flops(cpu) == 1e11
+    assert training.device_peak_flops(cpu) == 1e11 and len(calls) == 1  # the next stage reuses it
+    assert training.raise_cpu_peak() == 2e11  # a step beat it: measured again, the larger kept
+    assert training.raise_cpu_peak() == 2e11 and len(calls) == 2  # but only once, not at every fast step
+    assert training.device_peak_flops(cpu) == 2e11
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert training.device_peak_flops(cpu) == 3e11 and len(calls) == 3  # another thread count: its own
+    finally:
+        torch.set_num_threads(threads)

@@ -239,12 +239,32 @@ def measure_cpu_matmul_peak(n: int = 1024, seconds: float = 0.5) -> float:
 GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12, "4090": 165e12}
 
 
+_CPU_PEAK: dict[int, float] = {}  # threads -> measured fp32 matmul FLOP/s, once per process
+
+
 def device_peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak for known GPUs; the measured fp32 matmul peak on CPU."""
+    """Dense bf16 peak for known GPUs; on CPU the fp32 matmul peak, measured once per process and thread count
+    (each stage of `lmforge run` would otherwise spend half a second re-measuring it)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
-    return measure_cpu_matmul_peak()
+    threads = torch.get_num_threads()
+    if threads not in _CPU_PEAK:
+        _CPU_PEAK[threads] = measure_cpu_matmul_peak()
+    return _CPU_PEAK[threads]
+
+
+_CPU_PEAK_REMEASURED: set[int] = set()
+
+
+def raise_cpu_peak() -> float:
+    """A step ran faster than the CPU peak, so the peak was measured on a busy machine: measure again (once per
+    process and thread count) and keep the larger."""
+    threads = torch.get_num_threads()
+    if threads not in _CPU_PEAK_REMEASURED:
+        _CPU_PEAK_REMEASURED.add(threads)
+        _CPU_PEAK[threads] = max(_CPU_PEAK.get(threads, 0.0), measure_cpu_matmul_peak())
+    return _CPU_PEAK[threads]
 
 
 class MetricsLogger:
@@ -389,8 +409,8 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
                 rec["skipped_steps"] = guard.skipped
             if peak and flops_per_token:  # per device: this process's tokens against one device's peak
                 achieved = flops_per_token * n_tokens / dist_info.world_size / dt
-                if achieved > peak and device.type == "cpu":  # the peak was measured while the machine was busy
-                    peak = max(peak, measure_cpu_matmul_peak())
+                if achieved > peak and device.type == "cpu":
+                    peak = raise_cpu_peak()
                 rec["mfu"] = achieved / peak
             done = step + 1
             if hooks.evaluate is not None and eval_every and (done % eval_every == 0 or done == optim_cfg.max_steps):

@@ -15,8 +15,8 @@ from lmforge.config import load_config
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.losses import IGNORE
-from lmforge.stages.sft import (SFTBatches, SFTConfig, answer, encode_example, encode_records, pack_rows,
-                         packed_batch, pad_batch, read_sft_records, run_sft, sft_loss, batch_nll, batch_nll_sum)
+from lmforge.stages.sft import (SFTBatches, SFTConfig, answer, encode_example, encode_records, evaluate_loss,
+                         pack_rows, packed_batch, pad_batch, read_sft_records, run_sft, sft_loss, batch_nll, batch_nll_sum)
 from tests.conftest import tiny_config
 
 
@@ -190,6 +190,22 @@ def test_the_training_loss_sums_the_per_token_nll_of_padded_and_packed_batches(t
         torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-5)
         for a, b in zip(g_fused, g_plain):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_validation_loss_is_the_mean_over_all_response_tokens_whatever_the_batch_size(tok):
+    """evaluate_loss sorts and regroups the examples: the result is still the per-token mean of every example
+    scored alone, with the count of their labelled tokens."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(tok.vocab_size, init_std=0.3)).eval()
+    examples = _examples(tok)
+    with torch.no_grad():
+        alone = [batch_nll(model, pad_batch([ex], tok.special.pad))[0] for ex in examples]
+    n_labels = sum(sum(t != IGNORE for t in y) for _, y in examples)
+    expected = float(sum(a.sum() for a in alone)) / n_labels
+    for batch_size in (1, 2, 3, len(examples)):
+        loss, count = evaluate_loss(model, examples, batch_size, tok.special.pad)
+        assert count == n_labels
+        assert loss == pytest.approx(expected, rel=1e-5)
 
 
 def test_batches_are_epoch_permutations_and_a_function_of_the_step(tok):

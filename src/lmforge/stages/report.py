@@ -206,7 +206,7 @@ def render_markdown(rep: dict, plots: list[tuple[str, str]]) -> str:
                 mfu = f"{100 * v['mfu']:.0f}%" if v.get("mfu") is not None else "–"
                 lines.append(f"| {s} | {_fmt(v.get('seconds'), '.1f')} | {tok_s} | {mfu} |")
             lines += ["", "Tokens/s and MFU: medians over a stage's logged steps (the first, a warm-up, left out); MFU "
-                      "against the device's peak (on CPU the fp32 matmul peak measured when the stage started). "
+                      "against the device's peak (on CPU the fp32 matmul peak, measured once per process). "
                       "PPO and GRPO: tokens sampled per second of rollout."]
         else:
             lines += ["| stage | seconds |", "|---|---:|"]

@@ -318,12 +318,21 @@ def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict, int]:
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[tuple], batch_size: int, pad_id: int) -> tuple[float, int]:
-    """Mean NLL over all response tokens of `examples` (padded batches, eval mode), and the token count."""
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = pad_batch(examples[i:i + batch_size], pad_id)
+    """Mean NLL over all response tokens of `examples` (eval mode), and the token count.
+
+    The order does not change a sum, so the examples run sorted by length, each batch as many as fit in
+    batch_size rows of the longest example: little padding, and never more tokens than a training batch."""
+    budget = batch_size * max((len(ids) for ids, _ in examples), default=0)
+    ordered = sorted(examples, key=lambda e: len(e[0]))
+    total, count, i = 0.0, 0, 0
+    while i < len(ordered):
+        j = i + 1
+        while j < len(ordered) and (j + 1 - i) * len(ordered[j][0]) <= budget:
+            j += 1
+        batch = pad_batch(ordered[i:j], pad_id)
         total += float(batch_nll_sum(model, batch))
         count += int((batch["labels"] != IGNORE).sum())
+        i = j
     return total / max(count, 1), count
 
 
