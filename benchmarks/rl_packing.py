@@ -33,8 +33,9 @@ packed_response_hidden = rollout.response_hidden
 
 
 def padded_response_hidden(model, exp):
-    """The padded computation the packed layout replaces."""
-    return model.hidden_states(exp.input_ids, attention_mask=exp.attention_mask)[:, exp.prompt_len - 1:-1]
+    """The padded computation the packed layout replaces (then, as there, only the real responses' rows)."""
+    h = model.hidden_states(exp.input_ids, attention_mask=exp.attention_mask)[:, exp.prompt_len - 1:-1]
+    return h[exp.mask.bool()]
 
 
 def main() -> None:

@@ -42,35 +42,44 @@ def _model(head, seed=0, **kw):
 
 def test_packed_hidden_states_and_gradients_equal_the_padded_batch():
     exp = _experience([3, 9, 5, 2, 6], [4, 1, 8, 0, 7], seed=1)
+    m = exp.mask.bool()
     for head, is_causal in (("lm", True), ("scalar", True), ("scalar", False)):
         model = _model(head, is_causal=is_causal).double()
-        padded = _padded_response_hidden(model, exp)
+        padded = _padded_response_hidden(model, exp)[m]
         packed = response_hidden(model, exp)
-        m = exp.mask.bool()
-        assert torch.allclose(packed[m], padded[m], atol=1e-10)
-        assert (packed[~m] == 0).all()
-        # gradients of a masked loss through either layout agree
+        assert packed.shape == (int(exp.mask.sum()), model.config.hidden_size)
+        assert torch.allclose(packed, padded, atol=1e-10)
+        # gradients of a loss through either layout agree
         w = torch.randn(packed.shape[-1], dtype=torch.float64)
         grads = []
-        for h_fn in (_padded_response_hidden, response_hidden):
+        for h_fn in (lambda mod, e: _padded_response_hidden(mod, e)[m], response_hidden):
             model.zero_grad()
-            ((h_fn(model, exp) @ w) * exp.mask).sum().backward()
+            (h_fn(model, exp) @ w).sum().backward()
             grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
         for a, b in zip(*grads):
             assert torch.allclose(a, b, atol=1e-10)
 
 
 def test_policy_logprobs_and_values_from_packed_rows_match_the_padded_batch():
-    exp = _experience([4, 8, 6], [5, 2, 7], seed=2)
-    actor, critic = _model("lm", seed=3), _model("scalar", seed=4)
-    with torch.no_grad():
-        logp = policy_logprobs(actor, exp, 0.7)
-        ref = torch.log_softmax(actor.lm_head(_padded_response_hidden(actor, exp)) / 0.7, -1)
-        ref = ref.gather(-1, exp.input_ids[:, exp.prompt_len:, None]).squeeze(-1)
-        m = exp.mask.bool()
-        assert torch.allclose(logp[m], ref[m], atol=1e-5)
-        values = critic_values(critic, exp)
-        assert torch.allclose(values[m], critic.scores(_padded_response_hidden(critic, exp))[m], atol=1e-5)
+    """Log-probs, entropies and values at every real response token equal the padded batch's; zeros past each
+    response's end (a response of length 0 included); gradients agree too."""
+    exp = _experience([4, 8, 6, 3], [5, 2, 7, 0], seed=2)
+    actor, critic = _model("lm", seed=3).double(), _model("scalar", seed=4).double()
+    m = exp.mask.bool()
+    logp, entropy = policy_logprobs(actor, exp, 0.7, with_entropy=True)
+    ref_all = torch.log_softmax(actor.lm_head(_padded_response_hidden(actor, exp)).float() / 0.7, -1)  # fp32, as used
+    ref = ref_all.gather(-1, exp.input_ids[:, exp.prompt_len:, None]).squeeze(-1)
+    ref_entropy = -(ref_all.exp() * ref_all).sum(-1)
+    assert logp.shape == entropy.shape == exp.mask.shape
+    assert torch.allclose(logp[m], ref[m], atol=1e-6) and torch.allclose(entropy[m], ref_entropy[m], atol=1e-6)
+    assert (logp[~m] == 0).all() and (entropy[~m] == 0).all()
+    g_packed = torch.autograd.grad(((logp + entropy) * exp.mask).sum(), list(actor.parameters()))
+    g_padded = torch.autograd.grad(((ref + ref_entropy) * exp.mask).sum(), list(actor.parameters()))
+    for a, b in zip(g_packed, g_padded):
+        assert torch.allclose(a, b, atol=1e-6)
+    values = critic_values(critic, exp)
+    assert values.shape == exp.mask.shape and (values[~m] == 0).all()
+    assert torch.allclose(values[m], critic.scores(_padded_response_hidden(critic, exp))[m].float(), atol=1e-6)
 
 
 def test_sampler_logprobs_are_the_teacher_forced_logprobs(tok):

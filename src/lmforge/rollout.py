@@ -121,29 +121,38 @@ def use_sampler_logprobs(choice: str, policy: Transformer) -> bool:
 
 
 def response_hidden(model: Transformer, exp: Experience) -> torch.Tensor:
-    """Hidden states at the columns that predict the response tokens: (B, R, d), zeros past each response's end
-    (the masks ignore them). The model runs on the rollouts packed end to end (packing.pack_batch): the same
-    values as on the padded batch, `model.hidden_states(exp.input_ids, exp.attention_mask)[:, P - 1:-1]`
-    (tested), without its padding: one long response no longer sets the width of every row."""
+    """Hidden states at the columns that predict the real response tokens: (N, d), N = exp.mask.sum(), in the
+    mask's row-major order (`x[exp.mask.bool()]`). The model runs on the rollouts packed end to end
+    (packing.pack_batch): the same values as on the padded batch,
+    `model.hidden_states(exp.input_ids, exp.attention_mask)[:, P - 1:-1][exp.mask.bool()]` (tested), without its
+    padding: one long response no longer sets the width of every row, and the LM head and softmax that follow
+    run on real tokens only (a trained policy's replies are a fraction of the longest one)."""
     packed = pack_batch(exp.input_ids, exp.attention_mask, model.config.max_position_embeddings)
     h = model.hidden_states(packed.input_ids, **packed.inputs)
-    flat = torch.cat([h.reshape(-1, h.shape[-1]), h.new_zeros(1, h.shape[-1])])  # the last row: padding
-    B, R = exp.mask.shape
-    rows = torch.arange(B, device=exp.mask.device)[:, None].expand(B, R)
-    cols = exp.prompt_len - 1 + torch.arange(R, device=exp.mask.device)[None].expand(B, R)
-    index = torch.where(exp.mask.bool(), packed.flat_index(rows, cols), flat.shape[0] - 1)
-    return flat[index]
+    rows, t = exp.mask.bool().nonzero(as_tuple=True)
+    return h.reshape(-1, h.shape[-1])[packed.flat_index(rows, exp.prompt_len - 1 + t)]
+
+
+def scatter_response(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) values at the real response tokens back into the (B, R) layout, zeros past each response's end."""
+    out = values.new_zeros(mask.shape)
+    out[mask.bool()] = values
+    return out
 
 
 def policy_logprobs(model: Transformer, exp: Experience, temperature: float, with_entropy: bool = False):
-    """Teacher-forced log-probs (and entropy) of the response tokens under softmax(logits / temperature)."""
-    logits = model.lm_head(response_hidden(model, exp))
-    return logprobs_from_logits(logits, exp.response_ids, temperature, with_entropy)
+    """Teacher-forced log-probs (and entropy) of the response tokens under softmax(logits / temperature): (B, R),
+    zeros past each response's end."""
+    m = exp.mask.bool()
+    out = logprobs_from_logits(model.lm_head(response_hidden(model, exp)), exp.response_ids[m], temperature,
+                               with_entropy)
+    return tuple(scatter_response(x, m) for x in out) if with_entropy else scatter_response(out, m)
 
 
 def critic_values(critic: Transformer, exp: Experience) -> torch.Tensor:
-    """V(s_t) for every response token t: the scalar head at the column that predicts token t."""
-    return critic.scores(response_hidden(critic, exp)).float()
+    """V(s_t) for every response token t: the scalar head at the column that predicts token t; (B, R), zeros
+    past each response's end."""
+    return scatter_response(critic.scores(response_hidden(critic, exp)).float(), exp.mask)
 
 
 @torch.no_grad()
