@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lmforge import cpu_threads
 from lmforge.cli import keep_freed_memory
 from lmforge.model import ModelConfig, Transformer
 from lmforge.training import (
@@ -58,6 +59,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
     p.add_argument("--batch-size", type=int, default=0, help="default: 8 on CPU, 64 on GPU")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--width", type=int, default=384)
@@ -71,6 +73,10 @@ def main() -> None:
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="muon: the default run's pretraining optimizer (its Newton-Schulz steps count as overhead)")
     p.add_argument("--unfused", action="store_true", help="full (B, T, V) logits, then F.cross_entropy")
+    p.add_argument("--adapt", action="store_true",
+                   help="call lmforge.cpu_threads.adapt() before each step, as the training loops do")
+    p.add_argument("--busy-threads", type=int, default=0,
+                   help="with --compete: the thread count for the busy steps (0: the same as the quiet ones)")
     p.add_argument("--compete", type=int, default=0,
                    help="after the quiet steps, time as many again beside this many busy-looping processes")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step")
@@ -91,7 +97,7 @@ def main() -> None:
     model = Transformer(cfg).to(device)
     fpt = model.flops_per_token(args.seq)
     optimizer = build_optimizer(model, OptimConfig(optimizer=args.optimizer, lr=1e-4))
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
     x = torch.randint(0, args.vocab, (batch, args.seq + 1), device=device)
     inputs, targets = x[:, :-1], x[:, 1:]
 
@@ -103,6 +109,8 @@ def main() -> None:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     def step():
+        if args.adapt:
+            cpu_threads.adapt()
         loss = loss_fn(inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -160,6 +168,9 @@ def main() -> None:
         for r in rivals:
             r.start()
         time.sleep(1.0)  # let the rivals start spinning
+        if args.busy_threads:
+            torch.set_num_threads(args.busy_threads)
+            step()  # a warm-up with the new thread pool
         busy = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
@@ -168,6 +179,9 @@ def main() -> None:
             busy.append(time.perf_counter() - t0)
         for r in rivals:
             r.terminate()
+        if args.adapt:
+            print(f"busy step times (ms): {' '.join(str(round(t * 1000)) for t in busy)}; threads at the end "
+                  f"{torch.get_num_threads()}")
         print(f"beside {args.compete} busy process(es): step time median {statistics.median(busy) * 1e3:.1f} ms "
               f"= {tokens / statistics.median(busy):,.0f} tokens/s; busy / quiet throughput "
               f"{dt / statistics.median(busy):.2f} (threads {torch.get_num_threads()}, OMP_WAIT_POLICY "

@@ -6,6 +6,10 @@ import os
 # selenium, for the browser test) registers one that no longer exists and crashes the session's end. lmforge's
 # tests use no third-party Hypothesis plugins.
 os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
+# Fixed thread counts, in this process and the lmforge commands tests start: a test that compares two runs must not
+# see one of them change its thread count (and rounding) because the test machine was busy (lmforge.cpu_threads;
+# tests/test_cpu_threads.py turns it on).
+os.environ.setdefault("LMFORGE_ADAPT_THREADS", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lmforge import cpu_threads
 from lmforge.distributed import (DistInfo, full_state, load_optimizer_state, local_grad_accum, mean_over_processes,
                                  shard_model, unsharded_copy)
 from lmforge.errors import ConfigError, LmforgeError
@@ -370,6 +371,7 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
     guard = NonFiniteGuard(optim_cfg.max_skipped_steps)
     with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, save, stop (see StopRequest)
         for step in bar:
+            threads = cpu_threads.adapt() if device.type == "cpu" else 0  # room for other programs' busy cores
             lr = lr_at(step, optim_cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -407,6 +409,8 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
             rec = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s, **metrics_sum}
             if guard.skipped:
                 rec["skipped_steps"] = guard.skipped
+            if 0 < threads < cpu_threads.start_threads():
+                rec["cpu_threads"] = threads  # fewer while another program kept a core busy
             if peak and flops_per_token:  # per device: this process's tokens against one device's peak
                 achieved = flops_per_token * n_tokens / dist_info.world_size / dt
                 if achieved > peak and device.type == "cpu":
@@ -433,9 +437,11 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
                     hooks.save(raw_model, {"optimizer": optimizer.state_dict(), "step": done, "rng": rng_state()}, final)
             if interrupted:
                 bar.close()
+                cpu_threads.restore()
                 if dist_info.is_main:
                     stop.announce(f"step {done}", out_dir)
                 raise KeyboardInterrupt
             t_last = time.perf_counter()  # time the next step alone, not this step's eval and save
     bar.close()
+    cpu_threads.restore()
     return history

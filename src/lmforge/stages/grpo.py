@@ -30,6 +30,7 @@ from typing import Callable, Literal
 
 import torch
 
+from lmforge import cpu_threads
 from lmforge.checkpoint import estimate_bytes, load_model, read_config, resolve_checkpoint, save_checkpoint
 from lmforge.cli import Command, Flag
 from lmforge.config import to_dict
@@ -456,6 +457,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True, rewar
                     stop.announce(f"iteration {it + 1}", out)
                 raise KeyboardInterrupt
         bar.close()
+    cpu_threads.restore()  # the process's own thread count again (RLTrainer.iteration adapts it)
     summary = {"out": str(out), "iterations": cfg.iterations, "seconds": time.perf_counter() - t_start}
     if history:
         summary.update(reward_first=history[0]["reward"], reward_last=history[-1]["reward"],

@@ -27,6 +27,7 @@ from typing import Callable, Literal
 
 import torch
 
+from lmforge import cpu_threads
 from lmforge.checkpoint import (CONFIG_FILE, estimate_bytes, load_model, read_config, recover_interrupted_save,
                                 resolve_checkpoint, save_checkpoint)
 from lmforge.cli import Command, Flag
@@ -541,6 +542,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
                     stop.announce(f"iteration {it + 1}", out)
                 raise KeyboardInterrupt
         bar.close()
+    cpu_threads.restore()  # the process's own thread count again (RLTrainer.iteration adapts it)
     summary = {"out": str(out), "iterations": cfg.iterations, "seconds": time.perf_counter() - t_start,
                "beta": trainer.kl_ctl.value}
     if history:
