@@ -1,4 +1,4 @@
-"""lmforge.cpu_threads: the thread count follows the cores other programs leave free."""
+"""lmforge.cpu_threads: the thread count follows the CPUs other programs leave free."""
 
 import multiprocessing as mp
 import os
@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from lmforge import cpu_threads
-from lmforge.cpu_threads import ThreadGovernor, threads_for
+from lmforge.cpu_threads import ThreadGovernor, cpu_busy_seconds, threads_for
 
 
 def test_threads_for_hand_values():
-    assert threads_for(0.0, 2, 2) == 2          # a quiet machine: every core
-    assert threads_for(0.3, 2, 2) == 2          # a little background work is not a taken core
-    assert threads_for(0.67, 2, 2) == 1         # one CPU-bound rival beside 2 spinning threads gets ~2/3 of a core
+    assert threads_for(0.0, 2, 2) == 2          # a quiet machine: every CPU
+    assert threads_for(0.3, 2, 2) == 2          # a little background work is not a taken CPU
+    assert threads_for(0.67, 2, 2) == 1         # one CPU-bound rival beside 2 spinning threads gets ~2/3 of a CPU
     assert threads_for(1.0, 2, 2) == 1
     assert threads_for(2.0, 2, 2) == 1          # never fewer than one
     assert threads_for(1.0, 16, 16) == 15
@@ -22,42 +22,65 @@ def test_threads_for_hand_values():
     assert threads_for(12.4, 16, 16) == 4
 
 
+def test_busy_seconds_are_read_from_the_process_cpus_lines(tmp_path):
+    hz = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  900 9 90 9000 90 9 9 9 0 0\n"
+                    "cpu0 100 1 10 1000 10 1 1 7 0 0\n"      # user nice system idle iowait irq softirq steal ...
+                    "cpu1 200 2 20 2000 20 2 2 7 0 0\n"
+                    "cpu12 400 4 40 4000 40 4 4 7 0 0\n"
+                    "intr 123 4 5\nctxt 999\nbtime 1\n")
+    assert cpu_busy_seconds({0, 12}, str(stat)) == pytest.approx((113 + 452) / hz)  # not idle, iowait or steal
+    assert cpu_busy_seconds({1}, str(stat)) == pytest.approx(226 / hz)
+    assert cpu_busy_seconds({0, 3}, str(stat)) is None         # a CPU of ours missing (renumbered in a container)
+    assert cpu_busy_seconds({0}, str(tmp_path / "missing")) is None
+
+
 def _busy_loop():
     while True:
         pass
 
 
-def _run_until(gov, want: int, seconds: float) -> int:
-    """Matmuls (the training loop's work) with adapt() between them until the thread count is `want`."""
+def _run_until(done, seconds: float) -> int:
+    """Matmuls (a training loop's work) with adapt() between them until done(threads) or the time is up."""
     a = torch.randn(256, 256)
     end = time.monotonic() + seconds
-    while time.monotonic() < end and gov.adapt() != want:
+    while time.monotonic() < end and not done(cpu_threads.adapt()):
         for _ in range(20):
             a = torch.tanh(a @ a)
     return torch.get_num_threads()
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2
-                    or not os.path.exists("/proc/stat"), reason="needs Linux and 2 CPUs")
-def test_a_busy_core_is_left_to_the_other_program_and_taken_back_when_it_stops(monkeypatch):
+                    or cpu_busy_seconds(set(os.sched_getaffinity(0))) is None, reason="needs /proc/stat and 2 CPUs")
+def test_a_busy_cpu_is_left_to_the_other_program_and_taken_back_when_it_stops(monkeypatch):
     n_cpus = len(os.sched_getaffinity(0))
     start = torch.get_num_threads()
     monkeypatch.setattr(cpu_threads, "WINDOW_S", 0.5)
+    monkeypatch.setattr(cpu_threads, "_GOVERNOR", ThreadGovernor(enabled=True))
     try:
         torch.set_num_threads(n_cpus)
-        gov = ThreadGovernor(enabled=True)
-        assert gov.enabled and gov.max_threads == n_cpus
-        rival = mp.get_context("spawn").Process(target=_busy_loop, daemon=True)
-        rival.start()
-        try:
-            assert _run_until(gov, n_cpus - 1, 20.0) == n_cpus - 1, f"others used {gov.other_cores:.2f} cores"
-            assert gov.other_cores > 0.5
-        finally:
-            rival.terminate()
-            rival.join()
-        assert _run_until(gov, n_cpus, 20.0) == n_cpus, f"others used {gov.other_cores:.2f} cores"
-        gov.restore()
-        assert torch.get_num_threads() == n_cpus
+        with cpu_threads.adaptive():
+            assert cpu_threads.start_threads() == n_cpus
+            rival = mp.get_context("spawn").Process(target=_busy_loop, daemon=True)
+            rival.start()
+            try:
+                assert _run_until(lambda n: n < n_cpus, 20.0) < n_cpus
+                assert cpu_threads._GOVERNOR.other_cpus > 0.5
+            finally:
+                rival.terminate()
+                rival.join()
+            # all of them again, unless the machine is still busy with other work (then fewer is right)
+            back = _run_until(lambda n: n == n_cpus, 20.0)
+            assert back == n_cpus or cpu_threads._GOVERNOR.other_cpus >= 0.5
+            rival = mp.get_context("spawn").Process(target=_busy_loop, daemon=True)
+            rival.start()
+            try:
+                assert _run_until(lambda n: n < n_cpus, 20.0) < n_cpus
+            finally:
+                rival.terminate()
+                rival.join()
+        assert torch.get_num_threads() == n_cpus  # leaving adaptive() puts back the count it found
     finally:
         torch.set_num_threads(start)
 

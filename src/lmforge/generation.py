@@ -198,16 +198,16 @@ def generate_batched(model, tok, prompt_ids: list[list[int]], params: SamplingPa
     tokens: list[list[int]] = [[] for _ in prompt_ids]
     finished = [False] * len(prompt_ids)
     on_cpu = next(model.parameters()).device.type == "cpu"
-    for start in range(0, len(order), batch_size):
-        if on_cpu:
-            cpu_threads.adapt()  # room for other programs' busy cores
-        rows = order[start:start + batch_size]
-        out = generate(model, [prompt_ids[i] for i in rows], params, stops, tok.special.pad, uniforms=uniforms[rows])
-        for i, toks, fin in zip(rows, out.tokens, out.finished):
-            tokens[i], finished[i] = toks, fin
-        if on_batch is not None:
-            on_batch(len(rows))
-    cpu_threads.restore()
+    with cpu_threads.adaptive():
+        for start in range(0, len(order), batch_size):
+            if on_cpu:
+                cpu_threads.adapt()  # room for other programs' busy cores
+            rows = order[start:start + batch_size]
+            out = generate(model, [prompt_ids[i] for i in rows], params, stops, tok.special.pad, uniforms=uniforms[rows])
+            for i, toks, fin in zip(rows, out.tokens, out.finished):
+                tokens[i], finished[i] = toks, fin
+            if on_batch is not None:
+                on_batch(len(rows))
     return tokens, finished
 
 

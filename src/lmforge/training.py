@@ -369,9 +369,10 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
                disable=not (progress and dist_info.is_main), dynamic_ncols=True, leave=False)
     t_last = time.perf_counter()
     guard = NonFiniteGuard(optim_cfg.max_skipped_steps)
-    with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, save, stop (see StopRequest)
+    # StopRequest: Ctrl-C / SIGTERM finish the step, save, stop; adaptive: room for other programs' busy cores
+    with StopRequest() as stop, cpu_threads.adaptive():
         for step in bar:
-            threads = cpu_threads.adapt() if device.type == "cpu" else 0  # room for other programs' busy cores
+            threads = cpu_threads.adapt() if device.type == "cpu" else 0
             lr = lr_at(step, optim_cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -413,8 +414,8 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
                 rec["cpu_threads"] = threads  # fewer while another program kept a core busy
             if peak and flops_per_token:  # per device: this process's tokens against one device's peak
                 achieved = flops_per_token * n_tokens / dist_info.world_size / dt
-                if achieved > peak and device.type == "cpu":
-                    peak = raise_cpu_peak()
+                if achieved > peak and device.type == "cpu" and threads == cpu_threads.start_threads():
+                    peak = max(peak, raise_cpu_peak())
                 rec["mfu"] = achieved / peak
             done = step + 1
             if hooks.evaluate is not None and eval_every and (done % eval_every == 0 or done == optim_cfg.max_steps):
@@ -437,11 +438,9 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
                     hooks.save(raw_model, {"optimizer": optimizer.state_dict(), "step": done, "rng": rng_state()}, final)
             if interrupted:
                 bar.close()
-                cpu_threads.restore()
                 if dist_info.is_main:
                     stop.announce(f"step {done}", out_dir)
                 raise KeyboardInterrupt
             t_last = time.perf_counter()  # time the next step alone, not this step's eval and save
     bar.close()
-    cpu_threads.restore()
     return history

@@ -429,7 +429,8 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True, rewar
 
     history = []
     with (rundir.active(start, checkpoint_bytes=estimate_bytes(trainer.policy)),
-          StopRequest() as stop):  # Ctrl-C / SIGTERM: finish the iteration, save, stop (see StopRequest)
+          StopRequest() as stop,  # Ctrl-C / SIGTERM: finish the iteration, save, stop (see StopRequest)
+          cpu_threads.adaptive()):  # RLTrainer.iteration may lower the thread count while other programs are busy
         main = dist_info.is_main  # one process logs and saves
         logger = MetricsLogger(out, enabled=main)
         bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo",
@@ -457,7 +458,6 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, progress: bool = True, rewar
                     stop.announce(f"iteration {it + 1}", out)
                 raise KeyboardInterrupt
         bar.close()
-    cpu_threads.restore()  # the process's own thread count again (RLTrainer.iteration adapts it)
     summary = {"out": str(out), "iterations": cfg.iterations, "seconds": time.perf_counter() - t_start}
     if history:
         summary.update(reward_first=history[0]["reward"], reward_last=history[-1]["reward"],

@@ -514,7 +514,8 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
 
     history = []
     with (rundir.active(start, checkpoint_bytes=estimate_bytes(trainer.actor) + estimate_bytes(trainer.critic)),
-          StopRequest() as stop):  # Ctrl-C / SIGTERM: finish the iteration, save, stop (see StopRequest)
+          StopRequest() as stop,  # Ctrl-C / SIGTERM: finish the iteration, save, stop (see StopRequest)
+          cpu_threads.adaptive()):  # RLTrainer.iteration may lower the thread count while other programs are busy
         main = dist_info.is_main  # one process logs and saves
         if main and state is not None and not (out / "critic" / CONFIG_FILE).is_file():
             save_critic(start)  # killed between the two saves, maybe the last iteration's: no later save comes
@@ -542,7 +543,6 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, progress: bool = True, reward_
                     stop.announce(f"iteration {it + 1}", out)
                 raise KeyboardInterrupt
         bar.close()
-    cpu_threads.restore()  # the process's own thread count again (RLTrainer.iteration adapts it)
     summary = {"out": str(out), "iterations": cfg.iterations, "seconds": time.perf_counter() - t_start,
                "beta": trainer.kl_ctl.value}
     if history:
