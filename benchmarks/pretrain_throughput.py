@@ -110,7 +110,7 @@ def main() -> None:
 
     def step():
         if args.adapt:
-            cpu_threads.adapt()
+            cpu_threads.adapt(device)
         loss = loss_fn(inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -128,12 +128,11 @@ def adaptive():
             gov.end()
 
 
-def adapt() -> int:
-    """The process-wide ThreadGovernor's adapt(): call between steps (inside adaptive()). Returns the thread
-    count in use."""
-    return _governor().adapt()
-
-
-def start_threads() -> int:
-    """The thread count adapt() starts from and returns to."""
-    return _governor().max_threads
+def adapt(device) -> int | None:
+    """Between the steps of a loop on `device` (inside adaptive()): the process-wide ThreadGovernor's adapt() on
+    the CPU. Returns the thread count while it is below the one adaptive() found (for the metrics), else None."""
+    if torch.device(device).type != "cpu":
+        return None
+    gov = _governor()
+    threads = gov.adapt()
+    return threads if threads < gov.max_threads else None

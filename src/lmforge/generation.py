@@ -197,11 +197,10 @@ def generate_batched(model, tok, prompt_ids: list[list[int]], params: SamplingPa
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     tokens: list[list[int]] = [[] for _ in prompt_ids]
     finished = [False] * len(prompt_ids)
-    on_cpu = next(model.parameters()).device.type == "cpu"
+    device = next(model.parameters()).device
     with cpu_threads.adaptive():
         for start in range(0, len(order), batch_size):
-            if on_cpu:
-                cpu_threads.adapt()  # room for other programs' busy cores
+            cpu_threads.adapt(device)  # room for other programs' busy cores
             rows = order[start:start + batch_size]
             out = generate(model, [prompt_ids[i] for i in rows], params, stops, tok.special.pad, uniforms=uniforms[rows])
             for i, toks, fin in zip(rows, out.tokens, out.finished):

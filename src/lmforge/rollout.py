@@ -250,7 +250,7 @@ class RLTrainer:
     def iteration(self, prompts: list[Prompt], seed: int, iteration: int) -> tuple[dict, Samples, Experience]:
         """One iteration on `prompts`; its randomness is a function of (seed, iteration), so resume is exact. Each
         response row gets its own random numbers, drawn for the whole batch: N processes sample what one does."""
-        threads = cpu_threads.adapt() if self.device.type == "cpu" else 0  # room for other programs' busy cores
+        threads = cpu_threads.adapt(self.device)  # room for other programs' busy cores
         W, r = self.dist.world_size, self.dist.rank
         share = len(prompts) // W
         rows = share * self.rows_per_prompt
@@ -261,7 +261,7 @@ class RLTrainer:
         t0 = synced_time(self.device)
         stats.update(self.update(exp, step_generator(seed, iteration, micro=1)))
         stats["time_update"] = synced_time(self.device) - t0
-        if 0 < threads < cpu_threads.start_threads():
+        if threads:
             stats["cpu_threads"] = threads  # fewer while another program kept a core busy
         return stats, samples, exp
 

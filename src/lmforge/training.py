@@ -372,7 +372,7 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
     # StopRequest: Ctrl-C / SIGTERM finish the step, save, stop; adaptive: room for other programs' busy cores
     with StopRequest() as stop, cpu_threads.adaptive():
         for step in bar:
-            threads = cpu_threads.adapt() if device.type == "cpu" else 0
+            threads = cpu_threads.adapt(device)
             lr = lr_at(step, optim_cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -410,11 +410,11 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
             rec = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s, **metrics_sum}
             if guard.skipped:
                 rec["skipped_steps"] = guard.skipped
-            if 0 < threads < cpu_threads.start_threads():
+            if threads:
                 rec["cpu_threads"] = threads  # fewer while another program kept a core busy
             if peak and flops_per_token:  # per device: this process's tokens against one device's peak
                 achieved = flops_per_token * n_tokens / dist_info.world_size / dt
-                if achieved > peak and device.type == "cpu" and threads == cpu_threads.start_threads():
+                if achieved > peak and device.type == "cpu" and not threads:
                     peak = max(peak, raise_cpu_peak())
                 rec["mfu"] = achieved / peak
             done = step + 1
