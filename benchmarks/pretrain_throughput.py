@@ -9,6 +9,7 @@ lmforge.training). On a busy machine the best step / best matmul ratio is the st
     python benchmarks/pretrain_throughput.py --device cuda --compile --batch-size 64
     python benchmarks/pretrain_throughput.py --profile             # torch.profiler table of the hot ops
     python benchmarks/pretrain_throughput.py --compete 1           # then again beside a CPU-bound process
+    python benchmarks/pretrain_throughput.py --compete 1 --adapt   # ... adapting as train_loop does (lanes)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lmforge.training import (
     build_optimizer,
     device_peak_flops,
     pick_device,
+    split_rows,
 )
 
 
@@ -73,8 +75,11 @@ def main() -> None:
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="muon: the default run's pretraining optimizer (its Newton-Schulz steps count as overhead)")
     p.add_argument("--unfused", action="store_true", help="full (B, T, V) logits, then F.cross_entropy")
-    p.add_argument("--adapt", action="store_true",
-                   help="call lmforge.cpu_threads.adapt() before each step, as the training loops do")
+    p.add_argument("--adapt", nargs="?", const="lanes", choices=["lanes", "threads"], default=None,
+                   help="before each step, as the training loops do: lanes (train_loop: cpu_threads.lanes, the batch "
+                        "in single-threaded parts while others are busy) or threads (cpu_threads.adapt: fewer threads)")
+    p.add_argument("--lanes", type=int, default=0,
+                   help="run every step's batch in this many single-threaded lanes (cpu_threads.run_lanes), busy or not")
     p.add_argument("--busy-threads", type=int, default=0,
                    help="with --compete: the thread count for the busy steps (0: the same as the quiet ones)")
     p.add_argument("--compete", type=int, default=0,
@@ -108,14 +113,26 @@ def main() -> None:
             logits = step_model(inputs)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
+    def forward_backward(part):
+        (x, y), weight = part
+        (loss_fn(x, y) * weight).backward()
+
     def step():
-        if args.adapt:
+        lanes = 1
+        if args.lanes:
+            lanes = args.lanes
+        elif args.adapt == "threads":
             cpu_threads.adapt(device)
-        loss = loss_fn(inputs, targets)
-        loss.backward()
+        elif args.adapt == "lanes":  # as train_loop does: a busy CPU runs the batch's parts side by side
+            lanes = cpu_threads.lanes(device)
+        if lanes > 1:
+            cpu_threads.run_lanes(forward_backward, split_rows((inputs, targets), lanes, labels=targets))
+        else:
+            loss_fn(inputs, targets).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return lanes
 
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -174,14 +191,14 @@ def main() -> None:
         busy = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            step()
+            lanes = step()
             _sync(device)
             busy.append(time.perf_counter() - t0)
         for r in rivals:
             r.terminate()
         if args.adapt:
             print(f"busy step times (ms): {' '.join(str(round(t * 1000)) for t in busy)}; threads at the end "
-                  f"{torch.get_num_threads()}")
+                  f"{torch.get_num_threads()}, lanes {lanes}")
         print(f"beside {args.compete} busy process(es): step time median {statistics.median(busy) * 1e3:.1f} ms "
               f"= {tokens / statistics.median(busy):,.0f} tokens/s; busy / quiet throughput "
               f"{dt / statistics.median(busy):.2f} (threads {torch.get_num_threads()}, OMP_WAIT_POLICY "

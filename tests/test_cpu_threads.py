@@ -1,4 +1,4 @@
-"""lmforge.cpu_threads: the thread count follows the CPUs other programs leave free."""
+"""lmforge.cpu_threads: the thread count (or the lanes) follow the CPUs other programs leave free."""
 
 import multiprocessing as mp
 import os
@@ -68,12 +68,17 @@ def test_a_busy_cpu_is_left_to_the_other_program_and_taken_back_when_it_stops(mo
             try:
                 assert _run_until(lambda n: n < n_cpus, 20.0) < n_cpus
                 assert cpu_threads._GOVERNOR.other_cpus > 0.5
+                # a loop that can split its batches runs one single-threaded lane per CPU instead
+                assert cpu_threads.lanes("cpu") == n_cpus and torch.get_num_threads() == 1
+                assert cpu_threads.lanes("cuda") == 1  # only the CPU has lanes
             finally:
                 rival.terminate()
                 rival.join()
             # all of them again, unless the machine is still busy with other work (then fewer is right)
             back = _run_until(lambda n: n == n_cpus, 20.0)
             assert back == n_cpus or cpu_threads._GOVERNOR.other_cpus >= 0.5
+            if back == n_cpus:
+                assert cpu_threads.lanes("cpu") == 1 and torch.get_num_threads() == n_cpus
             rival = mp.get_context("spawn").Process(target=_busy_loop, daemon=True)
             rival.start()
             try:

@@ -2,14 +2,16 @@
 
 import json
 import math
+import threading
+import time
 
 import pytest
 import torch
 
-from lmforge import training
+from lmforge import cpu_threads, training
 from lmforge.errors import LmforgeError
-from lmforge.training import (LoopHooks, NonFiniteGuard, OptimConfig, clip_and_step, lr_at, step_generator,
-                               train_loop)
+from lmforge.training import (LoopHooks, NonFiniteGuard, OptimConfig, clip_and_step, lr_at, split_rows,
+                               step_generator, train_loop)
 
 
 def test_lr_schedule_hand_values():
@@ -151,3 +153,92 @@ def test_the_cpu_peak_is_measured_once_per_process_and_thread_count(monkeypatch)
         assert training.device_peak_flops(cpu) == 3e11 and len(calls) == 3  # another thread count: its own
     finally:
         torch.set_num_threads(threads)
+
+
+def test_split_rows_hand_values():
+    x = torch.arange(10).view(5, 2)
+    y = torch.tensor([[1, 2], [-100, -100], [3, -100], [-100, -100], [4, 5]])  # 5 counted labels: rows 2, 0, 1, 0, 2
+    parts = split_rows((x, y), 2, labels=y)
+    assert [p[0].tolist() for p, _ in parts] == [x[:3].tolist(), x[3:].tolist()]
+    assert [w for _, w in parts] == [3 / 5, 2 / 5]
+    # a part without a counted label is left out (its mean would be 0/0); the others' weights still sum to 1
+    parts = split_rows((x, y), 5, labels=y)
+    assert [p[1].tolist() for p, _ in parts] == [[[1, 2]], [[3, -100]], [[4, 5]]] and [w for _, w in parts] == [0.4, 0.2, 0.4]
+    # a dict: row tensors split, the rest (a scale, a 0-d tensor) kept; a summed loss weighs 1 per part
+    batch = {"input_ids": x, "labels": y, "scale": 0.25, "t": torch.tensor(3.0)}
+    parts = split_rows(batch, 3)
+    assert [len(p["input_ids"]) for p, _ in parts] == [2, 2, 1] and all(w == 1.0 for _, w in parts)
+    assert all(p["scale"] == 0.25 and p["t"] is batch["t"] for p, _ in parts)
+    assert split_rows(batch, 1) == [(batch, 1.0)] and len(split_rows((x[:1], y[:1]), 4, labels=y[:1])) == 1
+
+
+def test_run_lanes_runs_the_parts_side_by_side_on_one_thread_each():
+    start = torch.get_num_threads()
+    meet = threading.Barrier(2, timeout=10)  # both parts must be running at once to pass it
+    seen = []
+
+    def part(i):
+        meet.wait()
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return i * 10
+
+    assert cpu_threads.run_lanes(part, [1, 2]) == [10, 20]
+    assert len({ident for ident, _ in seen}) == 2 and {n for _, n in seen} == {1}
+    assert torch.get_num_threads() == start  # the caller's count is back
+
+    finished = []
+
+    def failing(i):
+        if i == 0:
+            raise ValueError("part 0")
+        time.sleep(0.2)
+        finished.append(i)
+
+    with pytest.raises(ValueError, match="part 0"):
+        cpu_threads.run_lanes(failing, [0, 1])
+    assert finished == [1]  # the error surfaces only after every lane is done (no backward left running)
+
+
+def _lm_run(tmp_path, monkeypatch, accum: int):
+    """A tiny causal LM trained 4 steps with the pretraining loss (mean over counted labels, some rows masked out).
+    Returns the history and each step's gradients (as clipping sees them)."""
+    from lmforge.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16))
+
+    def micro_batch(step, micro, dist):
+        g = step_generator(0, step, micro)
+        x = torch.randint(0, 64, (5, 16), generator=g)
+        y = torch.where(torch.rand(5, 16, generator=g) < 0.4, torch.randint(0, 64, (5, 16), generator=g), -100)
+        return x, y
+
+    def loss(m, b):  # a metric that combines as the loss does: a mean over the counted labels
+        return m(b[0], labels=b[1]), {"label_mean": b[1][b[1] != -100].double().mean()}, b[0].numel()
+
+    grads, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def clip_and_record(params, *args, **kwargs):
+        params = list(params)
+        grads.append([p.grad.clone() for p in params])
+        return clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_record)
+    cfg = OptimConfig(lr=0.01, warmup_steps=1, max_steps=4, grad_accum=accum)
+    hooks = LoopHooks(micro_batch, loss, lambda m, state, final: None, split=lambda b, n: split_rows(b, n, labels=b[1]))
+    hist = train_loop(model, cfg, hooks, tmp_path, torch.device("cpu"), log_every=1, progress=False)
+    return hist, grads
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_lanes_train_as_the_whole_batch_does(tmp_path, monkeypatch, accum):
+    whole, grads_w = _lm_run(tmp_path / "w", monkeypatch, accum)
+    monkeypatch.setattr(cpu_threads, "lanes", lambda device: 2)  # what a busy CPU gets
+    split, grads_s = _lm_run(tmp_path / "s", monkeypatch, accum)
+    assert all(h["cpu_lanes"] == 2 for h in split) and not any("cpu_lanes" in h for h in whole)
+    for a, b in zip(whole, split):  # the same steps (AdamW makes later steps differ by rounding only)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["label_mean"] == pytest.approx(a["label_mean"], rel=1e-12) and b["tokens_per_s"] > 0
+    for gw, gs in zip(grads_w[0], grads_s[0]):  # the first step's gradients: the parts' sum is the whole's
+        torch.testing.assert_close(gs, gw, atol=1e-7, rtol=1e-5)

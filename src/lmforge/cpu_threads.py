@@ -10,6 +10,12 @@ time of this process's CPUs in /proc/stat, less this process's own CPU time), an
 runs on the CPUs they leave free; back on all of them the same way once they are free. Leaving `adaptive()` puts
 back the thread count it found.
 
+A loop that can split its batches does better than one thread: `lanes()` runs the parts of each batch in one
+single-threaded Python thread per CPU (`run_lanes`), each with its own forward and backward, the gradients summed
+by autograd. A lane shares its core with the other program instead of holding up the other lanes at every op, so
+the process gets its fair share of the CPUs (2 of 3 runnable threads on 2 cores) without spinning: 0.64 of the
+quiet speed beside one CPU-bound process where 1 thread ran at 0.54 (BENCHMARKS.md "A busy machine").
+
 Off when OMP_NUM_THREADS is set (the user chose the thread count; torchrun sets it for its processes), with
 LMFORGE_ADAPT_THREADS=0, where /proc/stat does not list this process's CPUs (other operating systems, some
 containers), or with a single thread. /proc/stat does not see cgroup CPU quotas. Changing the thread count changes
@@ -21,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Callable
 
 import torch
 
@@ -71,28 +79,46 @@ class ThreadGovernor:
         self.max_threads = torch.get_num_threads()
         self.enabled = self.allowed and self.max_threads > 1
         self.last = self._sample() if self.enabled else None
-        self.pending, self.agree = self.max_threads, 0
+        self.pending, self.agree, self.free = self.max_threads, 0, self.max_threads
 
     def _sample(self) -> tuple[float, float, float] | None:
         busy = cpu_busy_seconds(self.cpus)
         return None if busy is None else (time.monotonic(), busy, time.process_time())
 
-    def adapt(self) -> int:
-        """Call between steps: cheap except once per window. Returns the thread count now in use."""
+    def measure(self) -> int:
+        """Call between steps: cheap except once per window. Returns the confirmed number of free CPUs' threads
+        (max_threads while nothing else is busy)."""
         if not self.enabled or time.monotonic() - self.last[0] < WINDOW_S:
-            return torch.get_num_threads()
+            return self.free
         sample = self._sample()
         if sample is None:
-            return torch.get_num_threads()
+            return self.free
         (t0, busy0, own0), (t1, busy1, own1) = self.last, sample
         self.last = sample
         self.other_cpus = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
         want = threads_for(self.other_cpus, len(self.cpus), self.max_threads)
         self.agree = self.agree + 1 if want == self.pending else 1
         self.pending = want
-        if self.agree >= CONFIRM and want != torch.get_num_threads():
-            torch.set_num_threads(want)
+        if self.agree >= CONFIRM:
+            self.free = want
+        return self.free
+
+    def adapt(self) -> int:
+        """Between steps of a loop that runs one batch at a time: torch's thread count follows the free CPUs.
+        Returns the thread count now in use."""
+        self._use(self.measure())
         return torch.get_num_threads()
+
+    def lanes(self) -> int:
+        """Between steps of a loop that can split its batches: while other processes keep a CPU busy, 1 thread and
+        one lane per thread begin() found; otherwise every thread and 1 lane. Returns the lane count."""
+        busy = self.measure() < self.max_threads
+        self._use(1 if busy else self.max_threads)
+        return self.max_threads if busy else 1
+
+    def _use(self, threads: int) -> None:
+        if self.enabled and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
 
     def end(self) -> None:
         """Back to the thread count begin() found."""
@@ -136,3 +162,44 @@ def adapt(device) -> int | None:
     gov = _governor()
     threads = gov.adapt()
     return threads if threads < gov.max_threads else None
+
+
+def lanes(device) -> int:
+    """Between the steps of a loop on `device` (inside adaptive()) that can split its batches: the number of lanes to
+    run each batch's parts in with run_lanes (1: run it whole, as usual). More than 1 only on the CPU while other
+    programs keep a CPU busy; torch then runs 1 thread, each lane being one."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return _governor().lanes()
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def run_lanes(fn: Callable, parts: list) -> list:
+    """fn(part) for every part, in up to one single-threaded Python thread per part (the lanes); results in order.
+    torch releases the GIL inside its ops and autograd sums the gradients of concurrent backward passes into the
+    same .grad (under a lock), so the parts' forward and backward passes run side by side."""
+    global _POOL
+    if len(parts) <= 1:
+        return [fn(p) for p in parts]
+    if _POOL is None or _POOL._max_workers < len(parts):
+        if _POOL is not None:
+            _POOL.shutdown()
+        _POOL = ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="lmforge-lane")
+
+    def one_thread(part):
+        if torch.get_num_threads() != 1:  # each thread has its own OpenMP setting
+            torch.set_num_threads(1)
+        return fn(part)
+
+    threads = torch.get_num_threads()
+    if threads != 1:  # lanes() has set 1 already; a direct call gets the same (MKL's setting is process-wide)
+        torch.set_num_threads(1)
+    try:
+        futures = [_POOL.submit(one_thread, p) for p in parts]
+        wait(futures)  # every lane done (its backward too) before anything else, an error included
+        return [f.result() for f in futures]
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)

@@ -26,6 +26,7 @@ from lmforge import cpu_threads
 from lmforge.distributed import (DistInfo, full_state, load_optimizer_state, local_grad_accum, mean_over_processes,
                                  shard_model, unsharded_copy)
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.losses import IGNORE
 from lmforge.muon import MuonAdamW
 
 
@@ -326,11 +327,39 @@ class LoopHooks:
     loss(model, batch) -> (loss, metrics, n_tokens)
     evaluate(model, step) -> metrics            optional, every eval_every steps and at the end
     save(model, training_state, final)          writes the checkpoint (atomically)
+    split(batch, n) -> [(part, weight), ...]    optional: at most n parts whose losses (and metrics), weighted,
+                                                sum to the batch's; lets a busy CPU run them side by side
+                                                (cpu_threads.lanes, split_rows)
     """
     micro_batch: Callable
     loss: Callable
     save: Callable
     evaluate: Callable | None = None
+    split: Callable | None = None
+
+
+def split_rows(batch, n: int, labels: torch.Tensor | None = None) -> list[tuple[object, float]]:
+    """LoopHooks.split for a batch of row-aligned tensors (a tuple, or a dict whose non-row values every part
+    keeps): at most n parts of consecutive rows. With `labels`, for a loss that is the mean over the labels that
+    count (not IGNORE), each part is weighted by its share of them (parts with none are left out: their mean is
+    0/0); without, for a loss summed over rows, each part weighs 1."""
+    rows = len(labels) if labels is not None else len(next(v for v in (batch.values() if isinstance(batch, dict) else batch)))
+
+    def take(t, a, b):
+        return t[a:b] if isinstance(t, torch.Tensor) and t.dim() >= 1 and len(t) == rows else t
+
+    counts = (labels != IGNORE).flatten(1).sum(1).tolist() if labels is not None else [1] * rows
+    total = sum(counts)
+    if total == 0 or rows < 2 or n < 2:
+        return [(batch, 1.0)]
+    parts = []
+    for idx in torch.arange(rows).tensor_split(n):
+        if len(idx) == 0 or sum(counts[int(idx[0]):int(idx[-1]) + 1]) == 0:
+            continue
+        a, b = int(idx[0]), int(idx[-1]) + 1
+        part = {k: take(v, a, b) for k, v in batch.items()} if isinstance(batch, dict) else tuple(take(t, a, b) for t in batch)
+        parts.append((part, sum(counts[a:b]) / total if labels is not None else 1.0))
+    return parts
 
 
 def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks, out_dir: str | Path,
@@ -370,9 +399,25 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
     t_last = time.perf_counter()
     guard = NonFiniteGuard(optim_cfg.max_skipped_steps)
     # StopRequest: Ctrl-C / SIGTERM finish the step, save, stop; adaptive: room for other programs' busy cores
+    # A busy CPU may run each batch's parts side by side in single-threaded lanes (one process, no DDP).
+    can_split = hooks.split is not None and dist_info.world_size == 1
+
+    def forward_backward(batch, weight: float = 1.0) -> tuple[float, dict, int]:
+        """One micro-batch (or a weighted part of one): backward of its share of the step's loss."""
+        with autocast(device):
+            loss, metrics, ntok = hooks.loss(model, batch)
+        if weight != 1.0:
+            loss = loss * weight
+        # A non-finite loss still goes through backward: its NaN gradients reach every rank's all-reduce,
+        # so all ranks see a non-finite norm below and skip the same step (no rank waits for another).
+        # DDP averages gradients over processes, so each divides by its own share: the mean over grad_accum.
+        (loss / accum).backward()
+        return loss.item() / accum, {k: float(v) * weight / accum for k, v in metrics.items()}, ntok
+
     with StopRequest() as stop, cpu_threads.adaptive():
         for step in bar:
-            threads = cpu_threads.adapt(device)
+            lanes = cpu_threads.lanes(device) if can_split else 1
+            threads = None if lanes > 1 else cpu_threads.adapt(device)
             lr = lr_at(step, optim_cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -386,16 +431,16 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
                 if sharded:  # reduce-scatter the gradients once, after the last micro-batch
                     model.set_requires_gradient_sync(sync)
                 ctx = contextlib.nullcontext() if sync or sharded else model.no_sync()
-                with ctx, autocast(device):
-                    loss, metrics, ntok = hooks.loss(model, batch)
-                # A non-finite loss still goes through backward: its NaN gradients reach every rank's all-reduce,
-                # so all ranks see a non-finite norm below and skip the same step (no rank waits for another).
-                # DDP averages gradients over processes, so each divides by its own share: the mean over grad_accum.
-                (loss / accum).backward()
-                total_loss += loss.item() / accum
-                n_tokens += ntok
-                for k, v in metrics.items():
-                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / accum
+                if lanes > 1:
+                    results = cpu_threads.run_lanes(lambda part: forward_backward(*part), hooks.split(batch, lanes))
+                else:
+                    with ctx:
+                        results = [forward_backward(batch)]
+                for loss_value, metrics, ntok in results:
+                    total_loss += loss_value
+                    n_tokens += ntok
+                    for k, v in metrics.items():
+                        metrics_sum[k] = metrics_sum.get(k, 0.0) + v
             if dist_info.world_size > 1:  # log the step's numbers, not this process's share of them
                 total_loss, n_tokens, metrics_sum = mean_over_processes(total_loss, n_tokens, metrics_sum, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf"))
@@ -412,9 +457,11 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
                 rec["skipped_steps"] = guard.skipped
             if threads:
                 rec["cpu_threads"] = threads  # fewer while another program kept a core busy
+            if lanes > 1:
+                rec["cpu_lanes"] = lanes  # the batch ran in single-threaded parts while another program was busy
             if peak and flops_per_token:  # per device: this process's tokens against one device's peak
                 achieved = flops_per_token * n_tokens / dist_info.world_size / dt
-                if achieved > peak and device.type == "cpu" and not threads:
+                if achieved > peak and device.type == "cpu" and not threads and lanes == 1:
                     peak = max(peak, raise_cpu_peak())
                 rec["mfu"] = achieved / peak
             done = step + 1

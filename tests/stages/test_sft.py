@@ -17,6 +17,7 @@ from lmforge.model import Transformer
 from lmforge.losses import IGNORE
 from lmforge.stages.sft import (SFTBatches, SFTConfig, answer, encode_example, encode_records, evaluate_loss,
                          pack_rows, packed_batch, pad_batch, read_sft_records, run_sft, sft_loss, batch_nll, batch_nll_sum)
+from lmforge.training import split_rows
 from tests.conftest import tiny_config
 
 
@@ -190,6 +191,26 @@ def test_the_training_loss_sums_the_per_token_nll_of_padded_and_packed_batches(t
         torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-5)
         for a, b in zip(g_fused, g_plain):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_lanes_parts_of_a_batch_sum_to_its_loss_and_gradients(tok):
+    """The split a busy CPU runs side by side (split_rows, weight 1: sft_loss is a sum times the step's scale)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(tok.vocab_size, init_std=0.3))
+    examples = _examples(tok)
+    rows = pack_rows([len(x) for x, _ in examples], list(range(len(examples))), capacity=64)
+    for batch in (pad_batch(examples, tok.special.pad), packed_batch(examples, rows, tok.special.pad)):
+        batch["scale"] = 0.125
+        whole, _, ntok = sft_loss(model, batch)
+        g_whole = torch.autograd.grad(whole, list(model.parameters()))
+        parts = split_rows(batch, 2)
+        assert len(parts) == 2 and all(w == 1.0 and p["scale"] == 0.125 for p, w in parts)
+        losses = [sft_loss(model, p) for p, _ in parts]
+        g_parts = torch.autograd.grad(sum(x[0] for x in losses), list(model.parameters()))
+        torch.testing.assert_close(sum(x[0] for x in losses), whole, atol=1e-5, rtol=1e-6)
+        assert sum(x[2] for x in losses) == ntok and sum(x[1]["response_tokens"] for x in losses) == int((batch["labels"] != IGNORE).sum())
+        for a, b in zip(g_parts, g_whole):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_validation_loss_is_the_mean_over_all_response_tokens_whatever_the_batch_size(tok):

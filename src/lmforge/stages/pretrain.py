@@ -40,6 +40,7 @@ from lmforge.training import (
     logged,
     pick_device,
     seed_everything,
+    split_rows,
     step_generator,
     train_loop,
 )
@@ -291,7 +292,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = Tru
     def save(m, training_state, final):
         save_checkpoint(out, m, tok, {**meta, "step": training_state["step"]}, training_state)
 
-    hooks = LoopHooks(micro_batch=micro_batch, loss=loss_fn, save=save, evaluate=evaluate_hook)
+    hooks = LoopHooks(micro_batch=micro_batch, loss=loss_fn, save=save, evaluate=evaluate_hook,
+                      split=lambda batch, n: split_rows(batch, n, labels=batch[1]))  # loss: mean over labels
     with rundir.active(int(resume_state["step"]) if resume_state else 0, checkpoint_bytes=estimate_bytes(model)):
         logger = MetricsLogger(out, cfg.logger, run_name=out.name, enabled=dist_info.is_main)
         history = train_loop(model, cfg.optim, hooks, out, device, resume_state, eval_every=cfg.eval_every,

@@ -58,7 +58,8 @@ from lmforge.lora import (
 )
 from lmforge.tokenizer import Tokenizer, check_same_tokenizer
 from lmforge.distributed import init_distributed
-from lmforge.training import LoopHooks, MetricsLogger, OptimConfig, logged, pick_device, seed_everything, train_loop
+from lmforge.training import (LoopHooks, MetricsLogger, OptimConfig, logged, pick_device, seed_everything, split_rows,
+                              train_loop)
 
 
 @dataclass
@@ -450,7 +451,7 @@ def _train(cfg: SFTConfig, model, tok: Tokenizer, data: dict, batches, optim, st
         before = evaluate(model, 0)
         logger.log(0, before)
     hooks = LoopHooks(micro_batch=lambda step, micro, d: batches.micro_batch(step, micro), loss=sft_loss,
-                      save=save, evaluate=evaluate)
+                      save=save, evaluate=evaluate, split=split_rows)  # sft_loss: a sum over rows
     history = train_loop(model, optim, hooks, out, device, resume_state=state, eval_every=cfg.eval_every,
                          save_every=cfg.save_every, log_every=cfg.log_every, logger=logger, dist_info=dist_info,
                          flops_per_token=model.flops_per_token(max_len), progress=progress, desc="sft",
