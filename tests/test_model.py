@@ -74,6 +74,22 @@ def test_rotary_matches_rotate_half_and_its_backward_is_the_derivative():
     assert torch.allclose(ours, theirs, atol=1e-12)
 
 
+def test_the_rotary_table_holds_the_computed_values_in_a_fresh_and_a_loaded_model(tok, tmp_path):
+    """The forward looks cos and sin up (Transformer.rope) instead of computing them: bit-identical values, also
+    after a checkpoint load, which builds the model on the meta device and fills the table afterwards."""
+    from lmforge.checkpoint import load_model, save_checkpoint
+
+    cfg = tiny_config(tok.vocab_size, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    model = Transformer(cfg)
+    positions = torch.randint(0, cfg.max_position_embeddings, (3, 11), generator=torch.Generator().manual_seed(0))
+    cos, sin = rotary_cos_sin(positions, model.inv_freq, torch.float32)
+    looked_up = model.rope[:, positions].unsqueeze(2)
+    assert torch.equal(looked_up[0], cos) and torch.equal(looked_up[1], sin)
+    save_checkpoint(tmp_path / "ck", model, tok)
+    loaded, _, _ = load_model(tmp_path / "ck")
+    assert torch.equal(loaded.rope, model.rope) and torch.equal(loaded.inv_freq, model.inv_freq)
+
+
 def test_decoder_is_causal():
     model = _model()
     x = torch.randint(0, 400, (2, 16))

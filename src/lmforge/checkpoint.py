@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.chat import stop_ids
 from lmforge.errors import LmforgeError
-from lmforge.model import ModelConfig, Transformer, rope_inv_freq
+from lmforge.model import ModelConfig, Transformer, rope_inv_freq, rotary_table
 from lmforge.tokenizer import Tokenizer
 
 CONFIG_FILE, WEIGHTS_FILE, STATE_FILE = "config.json", "model.safetensors", "training_state.pt"
@@ -337,6 +337,7 @@ def load_model(path: str | Path, head: str | None = None,
                                f"{shapes[name]}")
     model.to_empty(device="cpu")
     model.inv_freq.copy_(rope_inv_freq(mc))
+    model.rope.copy_(rotary_table(model.inv_freq, mc.max_position_embeddings))
     # A head the checkpoint lacks (a reward model built on an SFT checkpoint) starts freshly initialised.
     if hasattr(model, "lm_head") and not mc.tie_word_embeddings and "lm_head.weight" not in state:
         torch.nn.init.normal_(model.lm_head.weight, 0.0, mc.init_std)
