@@ -24,6 +24,22 @@ SAMPLE_TEXT = (
 ) * 40
 
 
+@pytest.fixture
+def busy_cpu(monkeypatch):
+    """The process's ThreadGovernor as on 2 CPUs with one kept busy by another program (its measurement fixed at
+    1 free CPU): training loops that can split their batches run them in 2 lanes."""
+    from lmforge import cpu_threads
+
+    start = torch.get_num_threads()
+    torch.set_num_threads(2)
+    gov = cpu_threads.ThreadGovernor(enabled=True)
+    gov.allowed = True  # also where /proc/stat is unreadable: the measurement is fixed below
+    monkeypatch.setattr(cpu_threads.ThreadGovernor, "measure", lambda self: 1)
+    monkeypatch.setattr(cpu_threads, "_GOVERNOR", gov)
+    yield gov
+    torch.set_num_threads(start)
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"

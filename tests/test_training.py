@@ -161,9 +161,12 @@ def test_split_rows_hand_values():
     parts = split_rows((x, y), 2, labels=y)
     assert [p[0].tolist() for p, _ in parts] == [x[:3].tolist(), x[3:].tolist()]
     assert [w for _, w in parts] == [3 / 5, 2 / 5]
-    # a part without a counted label is left out (its mean would be 0/0); the others' weights still sum to 1
+    # a part without a counted label joins the one before (its own mean would be 0/0): every row runs once
     parts = split_rows((x, y), 5, labels=y)
-    assert [p[1].tolist() for p, _ in parts] == [[[1, 2]], [[3, -100]], [[4, 5]]] and [w for _, w in parts] == [0.4, 0.2, 0.4]
+    assert [p[1].tolist() for p, _ in parts] == [y[:2].tolist(), y[2:4].tolist(), y[4:].tolist()]
+    assert [w for _, w in parts] == [0.4, 0.2, 0.4]
+    z = torch.tensor([[-100], [-100], [7], [8]])  # an empty first part takes in the next
+    assert [(p[1].tolist(), w) for p, w in split_rows((x[:4], z), 4, labels=z)] == [([[-100], [-100], [7]], 0.5), ([[8]], 0.5)]
     # a dict: row tensors split, the rest (a scale, a 0-d tensor) kept; a summed loss weighs 1 per part
     batch = {"input_ids": x, "labels": y, "scale": 0.25, "t": torch.tensor(3.0)}
     parts = split_rows(batch, 3)
@@ -199,7 +202,7 @@ def test_run_lanes_runs_the_parts_side_by_side_on_one_thread_each():
     assert finished == [1]  # the error surfaces only after every lane is done (no backward left running)
 
 
-def _lm_run(tmp_path, monkeypatch, accum: int):
+def _lm_run(tmp_path, monkeypatch, accum: int, checkpointing: bool = False):
     """A tiny causal LM trained 4 steps with the pretraining loss (mean over counted labels, some rows masked out).
     Returns the history and each step's gradients (as clipping sees them)."""
     from lmforge.model import ModelConfig, Transformer
@@ -207,6 +210,7 @@ def _lm_run(tmp_path, monkeypatch, accum: int):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                     num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16))
+    model.gradient_checkpointing = checkpointing
 
     def micro_batch(step, micro, dist):
         g = step_generator(0, step, micro)
@@ -232,13 +236,20 @@ def _lm_run(tmp_path, monkeypatch, accum: int):
 
 
 @pytest.mark.parametrize("accum", [1, 2])
-def test_lanes_train_as_the_whole_batch_does(tmp_path, monkeypatch, accum):
+def test_lanes_train_as_the_whole_batch_does(tmp_path, monkeypatch, accum, request):
     whole, grads_w = _lm_run(tmp_path / "w", monkeypatch, accum)
-    monkeypatch.setattr(cpu_threads, "lanes", lambda device: 2)  # what a busy CPU gets
+    request.getfixturevalue("busy_cpu")  # from here on: 2 CPUs, one busy
     split, grads_s = _lm_run(tmp_path / "s", monkeypatch, accum)
-    assert all(h["cpu_lanes"] == 2 for h in split) and not any("cpu_lanes" in h for h in whole)
+    assert torch.get_num_threads() == 2  # the loop ran 1 thread per lane and put back the count it found
+    assert all(h["cpu_lanes"] == 2 and h["cpu_threads"] == 1 for h in split) and not any("cpu_lanes" in h for h in whole)
     for a, b in zip(whole, split):  # the same steps (AdamW makes later steps differ by rounding only)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
         assert b["label_mean"] == pytest.approx(a["label_mean"], rel=1e-12) and b["tokens_per_s"] > 0
     for gw, gs in zip(grads_w[0], grads_s[0]):  # the first step's gradients: the parts' sum is the whole's
         torch.testing.assert_close(gs, gw, atol=1e-7, rtol=1e-5)
+
+
+def test_no_lanes_with_gradient_checkpointing(tmp_path, monkeypatch, busy_cpu):
+    """Its recompute saves and restores the global RNG state, which two lanes would overwrite (dropout masks)."""
+    hist, _ = _lm_run(tmp_path, monkeypatch, 1, checkpointing=True)
+    assert not any("cpu_lanes" in h for h in hist) and all(h["cpu_threads"] == 1 for h in hist)

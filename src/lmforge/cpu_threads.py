@@ -10,11 +10,12 @@ time of this process's CPUs in /proc/stat, less this process's own CPU time), an
 runs on the CPUs they leave free; back on all of them the same way once they are free. Leaving `adaptive()` puts
 back the thread count it found.
 
-A loop that can split its batches does better than one thread: `lanes()` runs the parts of each batch in one
-single-threaded Python thread per CPU (`run_lanes`), each with its own forward and backward, the gradients summed
-by autograd. A lane shares its core with the other program instead of holding up the other lanes at every op, so
-the process gets its fair share of the CPUs (2 of 3 runnable threads on 2 cores) without spinning: 0.64 of the
-quiet speed beside one CPU-bound process where 1 thread ran at 0.54 (BENCHMARKS.md "A busy machine").
+A loop that can split its batches does better than fewer threads when few CPUs are left (2 CPUs, one busy):
+`lanes()` has it run the parts of each batch in one single-threaded Python thread per CPU (`run_lanes`), each
+with its own forward and backward, the gradients summed by autograd. A lane shares its core with the other program
+instead of holding up the other lanes at every op, so the process gets its fair share of the CPUs (2 of 3 runnable
+threads on 2 cores) without spinning: `lmforge pretrain` at 0.65 of its quiet speed beside one CPU-bound process,
+where 1 thread ran at 0.53 (BENCHMARKS.md "A busy machine"; measured on 2 CPUs only).
 
 Off when OMP_NUM_THREADS is set (the user chose the thread count; torchrun sets it for its processes), with
 LMFORGE_ADAPT_THREADS=0, where /proc/stat does not list this process's CPUs (other operating systems, some
@@ -110,11 +111,13 @@ class ThreadGovernor:
         return torch.get_num_threads()
 
     def lanes(self) -> int:
-        """Between steps of a loop that can split its batches: while other processes keep a CPU busy, 1 thread and
-        one lane per thread begin() found; otherwise every thread and 1 lane. Returns the lane count."""
-        busy = self.measure() < self.max_threads
-        self._use(1 if busy else self.max_threads)
-        return self.max_threads if busy else 1
+        """Between steps of a loop that can split its batches: torch's thread count follows the free CPUs, as with
+        adapt(), and while other processes leave at most half of them free (2 CPUs, one busy), the batch's parts
+        run in one single-threaded lane per thread begin() found. Returns the lane count (1: no lanes). With more
+        CPUs free, fewer threads lose little (15 of 16), and many small lanes would cost more than they save."""
+        free = self.measure()
+        self._use(free)
+        return self.max_threads if free < self.max_threads and 2 * free <= self.max_threads else 1
 
     def _use(self, threads: int) -> None:
         if self.enabled and threads != torch.get_num_threads():
@@ -194,7 +197,7 @@ def run_lanes(fn: Callable, parts: list) -> list:
         return fn(part)
 
     threads = torch.get_num_threads()
-    if threads != 1:  # lanes() has set 1 already; a direct call gets the same (MKL's setting is process-wide)
+    if threads != 1:  # one thread per lane, the caller's count back afterwards (for the optimizer step)
         torch.set_num_threads(1)
     try:
         futures = [_POOL.submit(one_thread, p) for p in parts]

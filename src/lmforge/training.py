@@ -339,24 +339,32 @@ class LoopHooks:
 
 
 def split_rows(batch, n: int, labels: torch.Tensor | None = None) -> list[tuple[object, float]]:
-    """LoopHooks.split for a batch of row-aligned tensors (a tuple, or a dict whose non-row values every part
-    keeps): at most n parts of consecutive rows. With `labels`, for a loss that is the mean over the labels that
-    count (not IGNORE), each part is weighted by its share of them (parts with none are left out: their mean is
-    0/0); without, for a loss summed over rows, each part weighs 1."""
-    rows = len(labels) if labels is not None else len(next(v for v in (batch.values() if isinstance(batch, dict) else batch)))
+    """LoopHooks.split for a batch of row-aligned tensors (a tuple, or a dict whose other values every part keeps;
+    a tensor counts as row-aligned when its first dimension is the row count: labels' or else the first tensor's):
+    at most n parts of consecutive rows. With `labels`, for a loss that is the mean over the labels that count (not
+    IGNORE), each part is weighted by its share of them, and a part with none joins its neighbour (its own mean
+    would be 0/0); without, for a loss summed over rows, each part weighs 1."""
+    values = list(batch.values()) if isinstance(batch, dict) else list(batch)
+    rows = len(labels) if labels is not None else len(next(v for v in values if isinstance(v, torch.Tensor) and v.dim()))
+    counts = (labels != IGNORE).reshape(rows, -1).sum(1).tolist() if labels is not None else [1] * rows
+    total = sum(counts)
+    if total == 0 or rows < 2 or n < 2:
+        return [(batch, 1.0)]
+    bounds = []  # (start, end) of each part, none without a counted label
+    for idx in torch.arange(rows).tensor_split(n):
+        if len(idx) == 0:
+            continue
+        a, b = int(idx[0]), int(idx[-1]) + 1
+        if bounds and (sum(counts[a:b]) == 0 or sum(counts[slice(*bounds[-1])]) == 0):
+            bounds[-1] = (bounds[-1][0], b)  # joins the part before (or takes in an empty first part)
+        else:
+            bounds.append((a, b))
 
     def take(t, a, b):
         return t[a:b] if isinstance(t, torch.Tensor) and t.dim() >= 1 and len(t) == rows else t
 
-    counts = (labels != IGNORE).flatten(1).sum(1).tolist() if labels is not None else [1] * rows
-    total = sum(counts)
-    if total == 0 or rows < 2 or n < 2:
-        return [(batch, 1.0)]
     parts = []
-    for idx in torch.arange(rows).tensor_split(n):
-        if len(idx) == 0 or sum(counts[int(idx[0]):int(idx[-1]) + 1]) == 0:
-            continue
-        a, b = int(idx[0]), int(idx[-1]) + 1
+    for a, b in bounds:
         part = {k: take(v, a, b) for k, v in batch.items()} if isinstance(batch, dict) else tuple(take(t, a, b) for t in batch)
         parts.append((part, sum(counts[a:b]) / total if labels is not None else 1.0))
     return parts
@@ -399,8 +407,11 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
     t_last = time.perf_counter()
     guard = NonFiniteGuard(optim_cfg.max_skipped_steps)
     # StopRequest: Ctrl-C / SIGTERM finish the step, save, stop; adaptive: room for other programs' busy cores
-    # A busy CPU may run each batch's parts side by side in single-threaded lanes (one process, no DDP).
-    can_split = hooks.split is not None and dist_info.world_size == 1
+    # A busy CPU may run each batch's parts side by side in single-threaded lanes (cpu_threads.lanes): one
+    # process (no DDP), not compiled (the parts' new shapes would recompile it), and not with gradient
+    # checkpointing (its recompute restores the global RNG state, which two lanes would overwrite: wrong dropout).
+    can_split = (hooks.split is not None and dist_info.world_size == 1 and not hasattr(raw_model, "_orig_mod")
+                 and not getattr(raw_model, "gradient_checkpointing", False))
 
     def forward_backward(batch, weight: float = 1.0) -> tuple[float, dict, int]:
         """One micro-batch (or a weighted part of one): backward of its share of the step's loss."""
@@ -417,11 +428,11 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
     with StopRequest() as stop, cpu_threads.adaptive():
         for step in bar:
             lanes = cpu_threads.lanes(device) if can_split else 1
-            threads = None if lanes > 1 else cpu_threads.adapt(device)
+            threads = cpu_threads.adapt(device)
             lr = lr_at(step, optim_cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            total_loss, n_tokens, metrics_sum = 0.0, 0, {}
+            total_loss, n_tokens, metrics_sum, parts_run = 0.0, 0, {}, 1
             for j in range(accum):
                 # Micro-batch `micro` of the step's grad_accum, whichever process runs it: the data of a step
                 # does not depend on the number of processes (resume on another count continues the same run).
@@ -432,7 +443,9 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
                     model.set_requires_gradient_sync(sync)
                 ctx = contextlib.nullcontext() if sync or sharded else model.no_sync()
                 if lanes > 1:
-                    results = cpu_threads.run_lanes(lambda part: forward_backward(*part), hooks.split(batch, lanes))
+                    parts = hooks.split(batch, lanes)
+                    parts_run = max(parts_run, len(parts))
+                    results = cpu_threads.run_lanes(lambda part: forward_backward(*part), parts)
                 else:
                     with ctx:
                         results = [forward_backward(batch)]
@@ -457,11 +470,11 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
                 rec["skipped_steps"] = guard.skipped
             if threads:
                 rec["cpu_threads"] = threads  # fewer while another program kept a core busy
-            if lanes > 1:
-                rec["cpu_lanes"] = lanes  # the batch ran in single-threaded parts while another program was busy
+            if parts_run > 1:
+                rec["cpu_lanes"] = parts_run  # the batch ran in single-threaded parts while another program was busy
             if peak and flops_per_token:  # per device: this process's tokens against one device's peak
                 achieved = flops_per_token * n_tokens / dist_info.world_size / dt
-                if achieved > peak and device.type == "cpu" and not threads and lanes == 1:
+                if achieved > peak and device.type == "cpu" and not threads and parts_run == 1:
                     peak = max(peak, raise_cpu_peak())
                 rec["mfu"] = achieved / peak
             done = step + 1

@@ -252,6 +252,22 @@ def test_gradient_checkpointing_gives_the_same_training(data_dir, tmp_path):
     assert losses["calls True"] - losses["calls False"] == 3 * 2  # 3 steps x 2 blocks recomputed in backward
 
 
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_a_busy_cpu_runs_the_batches_in_lanes_with_the_same_training(data_dir, tmp_path, objective, request):
+    """On 2 CPUs with one busy, each batch runs as 2 single-threaded parts (split_rows weights them by their share of
+    the counted labels: all tokens for clm, the masked ones for mlm): the losses of the quiet run, to rounding."""
+    losses = {}
+    for busy in (False, True):
+        if busy:
+            request.getfixturevalue("busy_cpu")
+        out = tmp_path / str(busy)
+        result = run_pretrain(_cfg(data_dir, out, objective=objective, optim=dict(max_steps=4)), progress=False)
+        rows = [r for r in read_metrics(out) if "loss" in r]
+        assert all(("cpu_lanes" in r) == busy for r in rows)
+        losses[busy] = [r["loss"] for r in rows] + [result["val_loss"]]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
 def test_incompatible_resume_names_what_differs(data_dir, tmp_path):
     out = tmp_path / "o"
     run_pretrain(_cfg(data_dir, out, optim=dict(max_steps=2)), progress=False)

@@ -348,6 +348,22 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tok):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("pack", ["false", "true"])
+def test_a_busy_cpu_runs_the_batches_in_lanes_with_the_same_training(tmp_path, tok, pack, request):
+    """On 2 CPUs with one busy, each batch runs as 2 single-threaded parts (sft_loss is a sum: weight 1 each)."""
+    init, data = _init_checkpoint(tmp_path / "init", tok), _small_data(tmp_path, 16)
+    runs = {}
+    for busy in (False, True):
+        if busy:
+            request.getfixturevalue("busy_cpu")
+        result = run_sft(_cfg(tmp_path / str(busy), init, data, f"pack={pack}", "device=cpu"), progress=False)
+        rows = [json.loads(s) for s in (tmp_path / str(busy) / "out" / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "loss" in r]
+        assert len(rows) == 6 and all(("cpu_lanes" in r) == busy for r in rows)
+        runs[busy] = [r["loss"] for r in rows] + [r["response_tokens"] for r in rows] + [result["val_loss"]]
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+
+
 def test_sft_learns_held_out_instances_of_small_tasks(tmp_path, tok):
     """A tiny model trained from scratch answers unseen prompts of copy / uppercase / reverse tasks exactly."""
     def record(task, word):
