@@ -170,13 +170,13 @@ def adapt(device) -> int | None:
 def lanes(device) -> int:
     """Between the steps of a loop on `device` (inside adaptive()) that can split its batches: the number of lanes to
     run each batch's parts in with run_lanes (1: run it whole, as usual). More than 1 only on the CPU while other
-    programs keep a CPU busy; torch then runs 1 thread, each lane being one."""
+    programs leave at most half of its CPUs free; torch's thread count follows the free CPUs either way."""
     if torch.device(device).type != "cpu":
         return 1
     return _governor().lanes()
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[ThreadPoolExecutor, int] | None = None  # the lanes' threads, and how many
 
 
 def run_lanes(fn: Callable, parts: list) -> list:
@@ -186,10 +186,10 @@ def run_lanes(fn: Callable, parts: list) -> list:
     global _POOL
     if len(parts) <= 1:
         return [fn(p) for p in parts]
-    if _POOL is None or _POOL._max_workers < len(parts):
+    if _POOL is None or _POOL[1] < len(parts):
         if _POOL is not None:
-            _POOL.shutdown()
-        _POOL = ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="lmforge-lane")
+            _POOL[0].shutdown()
+        _POOL = ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="lmforge-lane"), len(parts)
 
     def one_thread(part):
         if torch.get_num_threads() != 1:  # each thread has its own OpenMP setting
@@ -200,7 +200,7 @@ def run_lanes(fn: Callable, parts: list) -> list:
     if threads != 1:  # one thread per lane, the caller's count back afterwards (for the optimizer step)
         torch.set_num_threads(1)
     try:
-        futures = [_POOL.submit(one_thread, p) for p in parts]
+        futures = [_POOL[0].submit(one_thread, p) for p in parts]
         wait(futures)  # every lane done (its backward too) before anything else, an error included
         return [f.result() for f in futures]
     finally:
