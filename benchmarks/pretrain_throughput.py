@@ -121,10 +121,10 @@ def main() -> None:
         lanes = 1
         if args.lanes:
             lanes = args.lanes
-        elif args.adapt == "threads":
+        elif args.adapt:
             cpu_threads.adapt(device)
-        elif args.adapt == "lanes":  # as train_loop does: a busy CPU runs the batch's parts side by side
-            lanes = cpu_threads.lanes(device)
+            if args.adapt == "lanes":  # as train_loop does: a busy CPU runs the batch's parts side by side
+                lanes = cpu_threads.lanes(device)
         if lanes > 1:
             cpu_threads.run_lanes(forward_backward, split_rows((inputs, targets), lanes, labels=targets))
         else:

@@ -34,7 +34,11 @@ def busy_cpu(monkeypatch):
     torch.set_num_threads(2)
     gov = cpu_threads.ThreadGovernor(enabled=True)
     gov.allowed = True  # also where /proc/stat is unreadable: the measurement is fixed below
-    monkeypatch.setattr(cpu_threads.ThreadGovernor, "measure", lambda self: 1)
+    def one_cpu_free(self):  # what measure() concludes after two agreeing windows beside one busy program
+        self.free = 1
+        return 1
+
+    monkeypatch.setattr(cpu_threads.ThreadGovernor, "measure", one_cpu_free)
     monkeypatch.setattr(cpu_threads, "_GOVERNOR", gov)
     yield gov
     torch.set_num_threads(start)

@@ -111,13 +111,10 @@ class ThreadGovernor:
         return torch.get_num_threads()
 
     def lanes(self) -> int:
-        """Between steps of a loop that can split its batches: torch's thread count follows the free CPUs, as with
-        adapt(), and while other processes leave at most half of them free (2 CPUs, one busy), the batch's parts
-        run in one single-threaded lane per thread begin() found. Returns the lane count (1: no lanes). With more
-        CPUs free, fewer threads lose little (15 of 16), and many small lanes would cost more than they save."""
-        free = self.measure()
-        self._use(free)
-        return self.max_threads if free < self.max_threads and 2 * free <= self.max_threads else 1
+        """After adapt(), in a loop that can split its batches: while other processes leave at most half of the
+        CPUs free (2 CPUs, one busy), one single-threaded lane per thread begin() found; else 1 (no lanes). With
+        more CPUs free, fewer threads lose little (15 of 16), and many small lanes would cost more than they save."""
+        return self.max_threads if self.enabled and 2 * self.free <= self.max_threads else 1
 
     def _use(self, threads: int) -> None:
         if self.enabled and threads != torch.get_num_threads():
@@ -168,9 +165,9 @@ def adapt(device) -> int | None:
 
 
 def lanes(device) -> int:
-    """Between the steps of a loop on `device` (inside adaptive()) that can split its batches: the number of lanes to
-    run each batch's parts in with run_lanes (1: run it whole, as usual). More than 1 only on the CPU while other
-    programs leave at most half of its CPUs free; torch's thread count follows the free CPUs either way."""
+    """After adapt(device), in a loop that can split its batches: the number of lanes to run each batch's parts in
+    with run_lanes (1: run it whole, as usual). More than 1 only on the CPU while other programs leave at most half
+    of its CPUs free."""
     if torch.device(device).type != "cpu":
         return 1
     return _governor().lanes()

@@ -427,8 +427,8 @@ def train_loop(model: torch.nn.Module, optim_cfg: OptimConfig, hooks: LoopHooks,
 
     with StopRequest() as stop, cpu_threads.adaptive():
         for step in bar:
-            lanes = cpu_threads.lanes(device) if can_split else 1
             threads = cpu_threads.adapt(device)
+            lanes = cpu_threads.lanes(device) if can_split else 1
             lr = lr_at(step, optim_cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
