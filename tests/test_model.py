@@ -252,3 +252,65 @@ def test_a_truncated_or_tampered_checkpoint_is_one_error_before_use(tok, tmp_pat
     with pytest.raises(LmforgeError, match="training_state.pt: .* bytes"):
         load_training_state(tmp_path / "ck")
     load_model(tmp_path / "ck")  # the weights themselves are intact again
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_kept_positions_equal_the_full_forward_and_its_gradients(checkpointing):
+    """hidden_states(keep=...) runs the last block on a few positions: the same states as every position's
+    then indexed, the same gradients for every parameter (packed rows with segments, an LM and a scalar head)."""
+    model = _model(dropout=0.0).train()
+    model.gradient_checkpointing = checkpointing
+    ids = torch.randint(0, 400, (3, 10))
+    seg = torch.tensor([[1] * 4 + [2] * 6, [1] * 10, [1] * 7 + [0] * 3])
+    pos = torch.tensor([list(range(4)) + list(range(6)), list(range(10)), list(range(7)) + [0] * 3])
+    mask = (seg > 0).long()
+    keep = torch.tensor([3, 9, 12, 19, 20, 26, 5])  # any order, any rows
+    full = model.hidden_states(ids, mask, pos, seg)
+    (full.reshape(-1, full.shape[-1])[keep] ** 2).sum().backward()
+    want = _grads(model)
+    model.zero_grad()
+    kept = model.hidden_states(ids, mask, pos, seg, keep=keep)
+    assert kept.shape == (len(keep), model.config.hidden_size)
+    torch.testing.assert_close(kept, full.reshape(-1, full.shape[-1])[keep], atol=1e-6, rtol=1e-5)
+    (kept ** 2).sum().backward()
+    got = _grads(model)
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_head_at_and_labels_run_the_last_block_on_their_positions_only():
+    """forward's head_at and labels keep only the positions they read: the same logits / scores / loss as the
+    head over every position, and fewer rows through the last block's MLP (counted)."""
+    model = _model()
+    ids = torch.randint(0, 400, (2, 9))
+    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([8, 2, 5])
+    torch.testing.assert_close(model(ids, head_at=(rows, cols)), model(ids)[rows, cols], atol=1e-6, rtol=1e-5)
+    seen = []
+    hook = model.model.layers[-1].mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    labels = torch.full((2, 9), -100)
+    labels[0, 3:6], labels[1, 7] = ids[0, 4:7], ids[1, 8]
+    loss = model(ids, labels=labels)
+    hook.remove()
+    assert seen == [4]  # the 4 labelled positions, not 18
+    logits = model(ids)
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-5)
+    critic = Transformer(tiny_config(), head="scalar").eval()
+    torch.testing.assert_close(critic(ids, head_at=(rows, cols)), critic(ids)[rows, cols], atol=1e-6, rtol=1e-5)
+
+
+def test_a_prefill_that_keeps_the_last_position_fills_the_whole_cache():
+    """generate's prefill reads one position per row (head_at): every position's keys and values still reach the
+    cache, so the decode steps after it see the same cache as after a full prefill."""
+    model = _model()
+    ids = torch.randint(0, 400, (2, 7))
+    full, kept = (KVCache(model.config, 2, 8, "cpu", torch.float32) for _ in range(2))
+    logits = model(ids, cache=full)
+    last = model(ids, cache=kept, head_at=(torch.arange(2), torch.tensor([6, 6])))
+    torch.testing.assert_close(last, logits[:, -1], atol=1e-6, rtol=1e-5)
+    assert torch.equal(full.buf, kept.buf) and full.length == kept.length == 7

@@ -127,11 +127,11 @@ def response_hidden(model: Transformer, exp: Experience) -> torch.Tensor:
     (packing.pack_batch): the same values as on the padded batch,
     `model.hidden_states(exp.input_ids, exp.attention_mask)[:, P - 1:-1][exp.mask.bool()]` (tested), without its
     padding: one long response no longer sets the width of every row, and the LM head and softmax that follow
-    run on real tokens only (a trained policy's replies are a fraction of the longest one)."""
+    run on real tokens only (a trained policy's replies are a fraction of the longest one). The last block
+    runs on those positions alone (Transformer.hidden_states' `keep`): the prompts' are never read."""
     packed = pack_batch(exp.input_ids, exp.attention_mask, model.config.max_position_embeddings)
-    h = model.hidden_states(packed.input_ids, **packed.inputs)
     rows, t = exp.mask.bool().nonzero(as_tuple=True)
-    return h.reshape(-1, h.shape[-1])[packed.flat_index(rows, exp.prompt_len - 1 + t)]
+    return model.hidden_states(packed.input_ids, **packed.inputs, keep=packed.flat_index(rows, exp.prompt_len - 1 + t))
 
 
 def scatter_response(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@
 import json
 import math
 import re
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -339,6 +340,38 @@ def test_minibatch_gradient_does_not_depend_on_micro_batching(ck, tok, tmp_path)
         for a, b in zip(actor_g + critic_g, results[0][0] + results[0][1]):
             assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in results[0][0])
+
+
+@pytest.mark.parametrize("micro", [8, 4])
+def test_actor_and_critic_side_by_side_give_the_same_gradients_and_statistics(ck, tok, tmp_path, monkeypatch, micro):
+    """On a 2-core CPU the actor's and the critic's forward and backward run at once, one thread each
+    (cpu_threads.side_by_side): the same gradients and statistics as one after the other, really in two lanes."""
+    from lmforge import cpu_threads
+
+    trainer = build_trainer(_cfg(ck, tmp_path, minibatch_size=8, micro_batch_size=micro), tok)
+    exp, _, _ = trainer.make_experience(_prompts(ck, tok), torch.Generator().manual_seed(4))
+    rows = torch.tensor([5, 0, 3, 6, 1, 7, 2, 4])
+    runs = []
+    for lanes in (False, True):
+        monkeypatch.setattr(cpu_threads, "side_by_side", lambda device, on=lanes: on)
+        threads = []
+        hooks = [m.register_forward_pre_hook(lambda *_: threads.append(threading.current_thread().name))
+                 for m in (trainer.actor.model.layers[0], trainer.critic.model.layers[0])]
+        stats = trainer.minibatch_backward(exp, rows)
+        for h in hooks:
+            h.remove()
+        runs.append((stats, _grads(trainer.actor) + _grads(trainer.critic), set(threads)))
+        trainer.actor.zero_grad(set_to_none=True)
+        trainer.critic.zero_grad(set_to_none=True)
+    (serial, g_serial, t_serial), (lanes, g_lanes, t_lanes) = runs
+    assert t_serial == {threading.current_thread().name}
+    assert len(t_lanes) == 2 and all(n.startswith("lmforge-lane") for n in t_lanes)
+    assert serial.keys() == lanes.keys() and {"pg_loss", "vf_loss", "ratio_var", "vf_clipfrac"} <= serial.keys()
+    for k in serial:
+        assert lanes[k] == pytest.approx(serial[k], rel=1e-6, abs=1e-9), k
+    assert any(g.abs().sum() > 0 for g in g_serial)
+    for a, b in zip(g_lanes, g_serial):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_ptx_adds_exactly_gamma_times_the_lm_gradient(ck, tok, tmp_path):

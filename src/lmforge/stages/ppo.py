@@ -261,27 +261,48 @@ class PPOTrainer(RLTrainer):
 
         Losses are token sums divided by the minibatch's token count, so the result is exactly the masked
         token mean over the minibatch, however it is split. With PPO-ptx, `ptx_coef * LM loss` of one
-        pretraining batch per micro-batch joins the same backward (InstructGPT; DeepSpeed-Chat instead takes
-        a separate optimizer step). Returns token-weighted stats, or None on a non-finite loss.
+        pretraining batch per micro-batch joins the actor's backward (InstructGPT; DeepSpeed-Chat instead takes
+        a separate optimizer step). The actor's and the critic's losses share no parameter, so each model runs
+        its own backward: on a 2-core CPU the two run side by side, one thread each (cpu_threads.side_by_side).
+        Returns token-weighted stats, or None on a non-finite loss.
         """
-        cfg, world = self.cfg, self.dist.world_size
+        cfg = self.cfg
         micro = rows.split(cfg.micro_batch_size)
         n_tok = self.minibatch_count(exp.mask[rows].sum()).clamp(min=1)  # every process's rows
-        sums: dict[str, torch.Tensor] = {}
+        passes = [lambda: self.actor_backward(exp, micro, n_tok, ptx_batches),
+                  lambda: self.critic_backward(exp, micro, n_tok)]
+        if cpu_threads.side_by_side(self.device) and not cfg.gradient_checkpointing:
+            results = cpu_threads.run_lanes(lambda run: run(), passes)
+        else:
+            results = [run() for run in passes]
+        sums = {k: v for stats, _ in results for k, v in stats.items()}
+        finite = all(ok for _, ok in results)
+        sums, finite = self.minibatch_sums(sums, finite)  # a non-finite loss on any process skips the step on all
+        if not finite:
+            return None
+        out = {k: float(v) for k, v in sums.items()}
+        out["ratio_var"] = out.pop("ratio_sq") - out["ratio_mean"] ** 2
+        return out
+
+    def actor_backward(self, exp: Experience, micro: tuple[torch.Tensor, ...], n_tok: torch.Tensor,
+                       ptx_batches: list[torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], bool]:
+        """The clipped policy loss (minus the entropy bonus, plus PPO-ptx) of each micro-batch, backward into
+        the actor: (token-weighted statistic sums, whether every loss was finite)."""
+        cfg, world = self.cfg, self.dist.world_size
+        keys = ("pg_loss", "entropy", "approx_kl", "clipfrac", "ratio_mean", "ratio_sq") + (
+            ("ptx_loss",) if ptx_batches else ())
+        sums = self._zeros(keys)  # every key, even if no loss was finite: the processes all-reduce the same
         finite = True
         for i, r in enumerate(micro):
             mb = exp.select(r)
-            m = mb.mask
             with autocast(self.device):
                 logp, entropy = policy_logprobs(self.actor, mb, cfg.temperature, with_entropy=True)
-                values = critic_values(self.critic, mb)
                 ptx = self.ptx_loss(ptx_batches[i].to(self.device)) if ptx_batches else None
             pg, ratio, clipped = clipped_surrogate(logp, mb.logprobs, mb.advantages, cfg.clip_range,
                                                    cfg.log_ratio_clip)
-            vf, vf_clipped = clipped_value_loss(values, mb.values, mb.returns, cfg.clip_range_value)
-            w = m / n_tok  # token weights of the whole minibatch
-            pg_loss, vf_loss, ent = (pg * w).sum(), (vf * w).sum(), (entropy * w).sum()
-            loss = pg_loss + cfg.vf_coef * vf_loss
+            w = mb.mask / n_tok  # token weights of the whole minibatch
+            pg_loss, ent = (pg * w).sum(), (entropy * w).sum()
+            loss = pg_loss
             if cfg.entropy_coef:
                 loss = loss - cfg.entropy_coef * ent
             if ptx is not None:  # the mean over the micro-batches of every process
@@ -292,20 +313,42 @@ class PPOTrainer(RLTrainer):
             loss.backward()
             with torch.no_grad():  # accumulated on the device: one sync per minibatch, not per statistic
                 r64 = ratio.double()
-                stats = {"pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": ent,
+                stats = {"pg_loss": pg_loss, "entropy": ent,
                          "approx_kl": ((r64 - 1 - r64.log()) * w).sum(),  # k3 estimate of KL(pi_old || pi)
-                         "clipfrac": (clipped * w).sum(), "vf_clipfrac": (vf_clipped * w).sum(),
-                         "ratio_mean": (r64 * w).sum(), "ratio_sq": (r64 ** 2 * w).sum()}
+                         "clipfrac": (clipped * w).sum(), "ratio_mean": (r64 * w).sum(),
+                         "ratio_sq": (r64 ** 2 * w).sum()}
                 if ptx is not None:
                     stats["ptx_loss"] = ptx / (len(micro) * world)
                 for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().double()
-        sums, finite = self.minibatch_sums(sums, finite)  # a non-finite loss on any process skips the step on all
-        if not finite:
-            return None
-        out = {k: float(v) for k, v in sums.items()}
-        out["ratio_var"] = out.pop("ratio_sq") - out["ratio_mean"] ** 2
-        return out
+                    sums[k] += v.detach().double()
+        return sums, finite
+
+    def critic_backward(self, exp: Experience, micro: tuple[torch.Tensor, ...],
+                        n_tok: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
+        """vf_coef x the clipped value loss of each micro-batch, backward into the critic: (token-weighted
+        statistic sums, whether every loss was finite)."""
+        cfg = self.cfg
+        sums = self._zeros(("vf_loss", "vf_clipfrac"))
+        finite = True
+        for r in micro:
+            mb = exp.select(r)
+            with autocast(self.device):
+                values = critic_values(self.critic, mb)
+            vf, vf_clipped = clipped_value_loss(values, mb.values, mb.returns, cfg.clip_range_value)
+            w = mb.mask / n_tok
+            vf_loss = (vf * w).sum()
+            loss = cfg.vf_coef * vf_loss
+            if not torch.isfinite(loss):
+                finite = False
+                continue
+            loss.backward()
+            with torch.no_grad():
+                sums["vf_loss"] += vf_loss.detach().double()
+                sums["vf_clipfrac"] += (vf_clipped * w).sum().double()
+        return sums, finite
+
+    def _zeros(self, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        return {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in keys}
 
     def ptx_loss(self, ids: torch.Tensor) -> torch.Tensor:
         """The pretraining objective on full (unpadded) windows: mean next-token cross-entropy."""
