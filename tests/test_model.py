@@ -314,3 +314,22 @@ def test_a_prefill_that_keeps_the_last_position_fills_the_whole_cache():
     last = model(ids, cache=kept, head_at=(torch.arange(2), torch.tensor([6, 6])))
     torch.testing.assert_close(last, logits[:, -1], atol=1e-6, rtol=1e-5)
     assert torch.equal(full.buf, kept.buf) and full.length == kept.length == 7
+
+
+def test_without_gradients_norm_and_rotary_skip_their_autograd_functions_with_the_same_values(monkeypatch):
+    """Under no_grad (sampling, scoring) RMSNorm and the rotary embedding call their formulas directly, without
+    the autograd.Function bookkeeping: bit-identical outputs."""
+    from lmforge import model as model_module
+
+    calls = []
+    for name in ("_RMSNormFunction", "_RotaryFunction"):
+        fn = getattr(model_module, name)
+        monkeypatch.setattr(fn, "apply", lambda *a, _f=fn.apply, _n=name: calls.append(_n) or _f(*a))
+    model = _model()
+    x = torch.randint(0, 400, (2, 9))
+    with_grad = model(x)
+    assert with_grad.grad_fn is not None and set(calls) == {"_RMSNormFunction", "_RotaryFunction"}
+    calls.clear()
+    with torch.no_grad():
+        without = model(x)
+    assert calls == [] and torch.equal(with_grad.detach(), without)

@@ -106,7 +106,7 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, t
     return block[:, 0] * CDF_BLOCK + torch.searchsorted(inner, rest[:, None], right=True)[:, 0], total
 
 
-@torch.no_grad()
+@torch.inference_mode()  # ~5% faster than no_grad for a small model's decode loop; only lists leave it
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int],
              pad_id: int, generator: torch.Generator | None = None, on_tokens=None,
              uniforms: torch.Tensor | None = None) -> Generation:
