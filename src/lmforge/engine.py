@@ -73,7 +73,6 @@ from lmforge.model import (
     attention,
     build_attention_mask,
     positions_from_mask,
-    rotary_cos_sin,
 )
 from lmforge.tokenizer import Tokenizer
 
@@ -475,7 +474,7 @@ class Engine:
         slots = prompt_positions + torch.repeat_interleave(P * torch.arange(J, device=self.device) + pad, sizes)
         m = self.model
         x = m.model.embed_tokens(tokens)
-        cos, sin = rotary_cos_sin(positions, m.inv_freq, x.dtype)
+        cos, sin = m.rotary(positions, x.dtype)
         attend = _MixedAttention(self.cache, n, J, P, dead, L,
                                  build_attention_mask(dmask, 1, L - dead, True, device=self.device),
                                  build_attention_mask(pmask, P, 0, True, device=self.device), slots)

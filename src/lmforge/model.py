@@ -422,6 +422,10 @@ class Transformer(nn.Module):
             n -= self.model.embed_tokens.weight.numel()
         return n
 
+    def rotary(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, (B, 1, T, head_dim) each, of `position_ids` (B, T), looked up in the rotary table."""
+        return self.rope[:, position_ids].unsqueeze(2).to(dtype).unbind(0)
+
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
                       cache: KVCache | None = None, keep: torch.Tensor | None = None):
         """Final normalised hidden states (B, T, d); with `keep` (flat indices into B * T) only those positions',
@@ -444,7 +448,7 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope[:, position_ids].unsqueeze(2).to(x.dtype).unbind(0)  # 2 x (B, 1, T, hd)
+        cos, sin = self.rotary(position_ids, x.dtype)
         mask = build_attention_mask(attention_mask, T, past, self.config.is_causal, segment_ids, input_ids.device)
         recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         last = len(self.model.layers) - 1
