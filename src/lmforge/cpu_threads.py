@@ -176,7 +176,7 @@ def lanes(device) -> int:
 def side_by_side(device) -> bool:
     """After adapt(device): whether two independent models' forward and backward passes (PPO's actor and critic)
     should run at once, each in its own single-threaded lane (run_lanes), rather than one after the other on every
-    thread. On a CPU with two threads (a 2-core machine: 68 vs 75 ms for a cpu16 PPO epoch, BENCHMARKS.md; small
+    thread. On a CPU with two threads (a 2-core machine: 58 vs 66 ms for a cpu16 PPO epoch, BENCHMARKS.md; small
     ops scale poorly over OpenMP threads) or while other programs leave at most half of the CPUs free."""
     if torch.device(device).type != "cpu":
         return False

@@ -100,7 +100,8 @@ def _rms_norm(x, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     """Whether autograd will record an op on these tensors. When not (sampling, scoring: no_grad), the functions
-    below skip their autograd.Function: its Python bookkeeping is ~40% of a decode step's norm and rotary time."""
+    below skip their autograd.Function: its Python bookkeeping was about half of a decode step's norm and rotary
+    time (profiled)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 

@@ -131,7 +131,8 @@ def response_hidden(model: Transformer, exp: Experience) -> torch.Tensor:
     runs on those positions alone (Transformer.hidden_states' `keep`): the prompts' are never read."""
     packed = pack_batch(exp.input_ids, exp.attention_mask, model.config.max_position_embeddings)
     rows, t = exp.mask.bool().nonzero(as_tuple=True)
-    return model.hidden_states(packed.input_ids, **packed.inputs, keep=packed.flat_index(rows, exp.prompt_len - 1 + t))
+    keep = packed.flat_index(rows, exp.prompt_len - 1 + t)
+    return model.hidden_states(packed.input_ids, **packed.inputs, keep=keep)
 
 
 def scatter_response(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
