@@ -272,6 +272,11 @@ class RLTrainer:
             dist.all_reduce(n)
         return n
 
+    def zero_sums(self, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """A minibatch's statistic sums, each key present from the start: even a process whose every loss was
+        non-finite all-reduces the same keys as the others in minibatch_sums."""
+        return {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in keys}
+
     def minibatch_sums(self, sums: dict[str, torch.Tensor], finite: bool) -> tuple[dict[str, torch.Tensor], bool]:
         """The weighted sums of a minibatch's statistics over every process, and whether every process's loss was
         finite (one all-reduce): all processes then skip or take the same step."""

@@ -254,7 +254,7 @@ class GRPOTrainer(RLTrainer):
         cfg = self.cfg
         n_tok = self.minibatch_count(exp.mask[rows].sum()).clamp(min=1)  # every process's rows
         n_seq = len(rows) * self.dist.world_size
-        sums: dict[str, torch.Tensor] = {}
+        sums = self.zero_sums(("pg_loss", "kl_loss", "entropy", "approx_kl", "clipfrac", "ratio_mean", "ratio_sq"))
         finite = True
         for r in rows.split(cfg.micro_batch_size):
             mb = exp.select(r)
@@ -278,7 +278,7 @@ class GRPOTrainer(RLTrainer):
                          "clipfrac": (clipped * w).sum(), "ratio_mean": (r64 * w).sum(),
                          "ratio_sq": (r64 ** 2 * w).sum()}
                 for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().double()
+                    sums[k] += v.detach().double()
         sums, finite = self.minibatch_sums(sums, finite)
         if not finite:
             return None

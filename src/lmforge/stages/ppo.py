@@ -291,7 +291,7 @@ class PPOTrainer(RLTrainer):
         cfg, world = self.cfg, self.dist.world_size
         keys = ("pg_loss", "entropy", "approx_kl", "clipfrac", "ratio_mean", "ratio_sq") + (
             ("ptx_loss",) if ptx_batches else ())
-        sums = self._zeros(keys)  # every key, even if no loss was finite: the processes all-reduce the same
+        sums = self.zero_sums(keys)
         finite = True
         for i, r in enumerate(micro):
             mb = exp.select(r)
@@ -328,7 +328,7 @@ class PPOTrainer(RLTrainer):
         """vf_coef x the clipped value loss of each micro-batch, backward into the critic: (token-weighted
         statistic sums, whether every loss was finite)."""
         cfg = self.cfg
-        sums = self._zeros(("vf_loss", "vf_clipfrac"))
+        sums = self.zero_sums(("vf_loss", "vf_clipfrac"))
         finite = True
         for r in micro:
             mb = exp.select(r)
@@ -346,9 +346,6 @@ class PPOTrainer(RLTrainer):
                 sums["vf_loss"] += vf_loss.detach().double()
                 sums["vf_clipfrac"] += (vf_clipped * w).sum().double()
         return sums, finite
-
-    def _zeros(self, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        return {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in keys}
 
     def ptx_loss(self, ids: torch.Tensor) -> torch.Tensor:
         """The pretraining objective on full (unpadded) windows: mean next-token cross-entropy."""
