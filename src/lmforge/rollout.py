@@ -277,6 +277,22 @@ class RLTrainer:
         non-finite all-reduces the same keys as the others in minibatch_sums."""
         return {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in keys}
 
+    def backward_each(self, exp: Experience, micro: tuple[torch.Tensor, ...], keys: tuple[str, ...],
+                      loss_and_stats: Callable) -> tuple[dict[str, torch.Tensor], bool]:
+        """For each micro-batch (`micro`: rows of `exp`): loss, stats = loss_and_stats(i, sub-batch); backward when
+        the loss is finite, the stats summed on the device (one sync per minibatch, not per statistic). Returns
+        (sums over `keys`, whether every loss was finite)."""
+        sums, finite = self.zero_sums(keys), True
+        for i, r in enumerate(micro):
+            loss, stats = loss_and_stats(i, exp.select(r))
+            if not torch.isfinite(loss):  # every process goes on to the same collectives, then all skip the step
+                finite = False
+                continue
+            loss.backward()
+            for k, v in stats.items():
+                sums[k] += v.detach().double()
+        return sums, finite
+
     def minibatch_sums(self, sums: dict[str, torch.Tensor], finite: bool) -> tuple[dict[str, torch.Tensor], bool]:
         """The weighted sums of a minibatch's statistics over every process, and whether every process's loss was
         finite (one all-reduce): all processes then skip or take the same step."""

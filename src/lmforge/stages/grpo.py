@@ -254,10 +254,8 @@ class GRPOTrainer(RLTrainer):
         cfg = self.cfg
         n_tok = self.minibatch_count(exp.mask[rows].sum()).clamp(min=1)  # every process's rows
         n_seq = len(rows) * self.dist.world_size
-        sums = self.zero_sums(("pg_loss", "kl_loss", "entropy", "approx_kl", "clipfrac", "ratio_mean", "ratio_sq"))
-        finite = True
-        for r in rows.split(cfg.micro_batch_size):
-            mb = exp.select(r)
+
+        def loss_and_stats(i: int, mb: Experience):
             m = mb.mask
             with autocast(self.device):
                 logp, entropy = policy_logprobs(self.policy, mb, cfg.temperature, with_entropy=True)
@@ -267,18 +265,15 @@ class GRPOTrainer(RLTrainer):
             w = m / n_tok if cfg.loss_norm == "token" else m / (m.sum(1, keepdim=True).clamp(min=1) * n_seq)
             pg_loss, kl_loss = (pg * w).sum(), (kl * w).sum()
             loss = pg_loss + cfg.kl_coef * kl_loss if cfg.kl_coef else pg_loss
-            if not torch.isfinite(loss):  # every process goes on to the same collectives, then all skip the step
-                finite = False
-                continue
-            loss.backward()
-            with torch.no_grad():  # accumulated on the device: one sync per minibatch
+            with torch.no_grad():
                 r64 = ratio.double()
-                stats = {"pg_loss": pg_loss, "kl_loss": kl_loss, "entropy": (entropy * w).sum(),
-                         "approx_kl": ((r64 - 1 - r64.log()) * w).sum(),  # k3 estimate of KL(pi_old || pi)
-                         "clipfrac": (clipped * w).sum(), "ratio_mean": (r64 * w).sum(),
-                         "ratio_sq": (r64 ** 2 * w).sum()}
-                for k, v in stats.items():
-                    sums[k] += v.detach().double()
+                return loss, {"pg_loss": pg_loss, "kl_loss": kl_loss, "entropy": (entropy * w).sum(),
+                              "approx_kl": ((r64 - 1 - r64.log()) * w).sum(),  # k3 estimate of KL(pi_old || pi)
+                              "clipfrac": (clipped * w).sum(), "ratio_mean": (r64 * w).sum(),
+                              "ratio_sq": (r64 ** 2 * w).sum()}
+
+        keys = ("pg_loss", "kl_loss", "entropy", "approx_kl", "clipfrac", "ratio_mean", "ratio_sq")
+        sums, finite = self.backward_each(exp, rows.split(cfg.micro_batch_size), keys, loss_and_stats)
         sums, finite = self.minibatch_sums(sums, finite)
         if not finite:
             return None

@@ -289,12 +289,8 @@ class PPOTrainer(RLTrainer):
         """The clipped policy loss (minus the entropy bonus, plus PPO-ptx) of each micro-batch, backward into
         the actor: (token-weighted statistic sums, whether every loss was finite)."""
         cfg, world = self.cfg, self.dist.world_size
-        keys = ("pg_loss", "entropy", "approx_kl", "clipfrac", "ratio_mean", "ratio_sq") + (
-            ("ptx_loss",) if ptx_batches else ())
-        sums = self.zero_sums(keys)
-        finite = True
-        for i, r in enumerate(micro):
-            mb = exp.select(r)
+
+        def loss_and_stats(i: int, mb: Experience):
             with autocast(self.device):
                 logp, entropy = policy_logprobs(self.actor, mb, cfg.temperature, with_entropy=True)
                 ptx = self.ptx_loss(ptx_batches[i].to(self.device)) if ptx_batches else None
@@ -302,50 +298,34 @@ class PPOTrainer(RLTrainer):
                                                    cfg.log_ratio_clip)
             w = mb.mask / n_tok  # token weights of the whole minibatch
             pg_loss, ent = (pg * w).sum(), (entropy * w).sum()
-            loss = pg_loss
-            if cfg.entropy_coef:
-                loss = loss - cfg.entropy_coef * ent
-            if ptx is not None:  # the mean over the micro-batches of every process
-                loss = loss + cfg.ptx.coef * ptx / (len(micro) * world)
-            if not torch.isfinite(loss):  # every process goes on to the same collectives, then all skip the step
-                finite = False
-                continue
-            loss.backward()
-            with torch.no_grad():  # accumulated on the device: one sync per minibatch, not per statistic
+            loss = pg_loss - cfg.entropy_coef * ent if cfg.entropy_coef else pg_loss
+            with torch.no_grad():
                 r64 = ratio.double()
                 stats = {"pg_loss": pg_loss, "entropy": ent,
                          "approx_kl": ((r64 - 1 - r64.log()) * w).sum(),  # k3 estimate of KL(pi_old || pi)
                          "clipfrac": (clipped * w).sum(), "ratio_mean": (r64 * w).sum(),
                          "ratio_sq": (r64 ** 2 * w).sum()}
-                if ptx is not None:
-                    stats["ptx_loss"] = ptx / (len(micro) * world)
-                for k, v in stats.items():
-                    sums[k] += v.detach().double()
-        return sums, finite
+            if ptx is not None:  # the mean over the micro-batches of every process
+                loss = loss + cfg.ptx.coef * ptx / (len(micro) * world)
+                stats["ptx_loss"] = ptx / (len(micro) * world)
+            return loss, stats
+
+        keys = ("pg_loss", "entropy", "approx_kl", "clipfrac", "ratio_mean", "ratio_sq")
+        return self.backward_each(exp, micro, keys + (("ptx_loss",) if ptx_batches else ()), loss_and_stats)
 
     def critic_backward(self, exp: Experience, micro: tuple[torch.Tensor, ...],
                         n_tok: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
         """vf_coef x the clipped value loss of each micro-batch, backward into the critic: (token-weighted
         statistic sums, whether every loss was finite)."""
-        cfg = self.cfg
-        sums = self.zero_sums(("vf_loss", "vf_clipfrac"))
-        finite = True
-        for r in micro:
-            mb = exp.select(r)
+        def loss_and_stats(i: int, mb: Experience):
             with autocast(self.device):
                 values = critic_values(self.critic, mb)
-            vf, vf_clipped = clipped_value_loss(values, mb.values, mb.returns, cfg.clip_range_value)
+            vf, vf_clipped = clipped_value_loss(values, mb.values, mb.returns, self.cfg.clip_range_value)
             w = mb.mask / n_tok
             vf_loss = (vf * w).sum()
-            loss = cfg.vf_coef * vf_loss
-            if not torch.isfinite(loss):
-                finite = False
-                continue
-            loss.backward()
-            with torch.no_grad():
-                sums["vf_loss"] += vf_loss.detach().double()
-                sums["vf_clipfrac"] += (vf_clipped * w).sum().double()
-        return sums, finite
+            return self.cfg.vf_coef * vf_loss, {"vf_loss": vf_loss, "vf_clipfrac": (vf_clipped * w).sum()}
+
+        return self.backward_each(exp, micro, ("vf_loss", "vf_clipfrac"), loss_and_stats)
 
     def ptx_loss(self, ids: torch.Tensor) -> torch.Tensor:
         """The pretraining objective on full (unpadded) windows: mean next-token cross-entropy."""
