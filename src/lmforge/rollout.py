@@ -272,17 +272,14 @@ class RLTrainer:
             dist.all_reduce(n)
         return n
 
-    def zero_sums(self, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """A minibatch's statistic sums, each key present from the start: even a process whose every loss was
-        non-finite all-reduces the same keys as the others in minibatch_sums."""
-        return {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in keys}
-
     def backward_each(self, exp: Experience, micro: tuple[torch.Tensor, ...], keys: tuple[str, ...],
                       loss_and_stats: Callable) -> tuple[dict[str, torch.Tensor], bool]:
         """For each micro-batch (`micro`: rows of `exp`): loss, stats = loss_and_stats(i, sub-batch); backward when
         the loss is finite, the stats summed on the device (one sync per minibatch, not per statistic). Returns
-        (sums over `keys`, whether every loss was finite)."""
-        sums, finite = self.zero_sums(keys), True
+        (sums over `keys`, whether every loss was finite). Every key is there from the start: even a process whose
+        every loss was non-finite all-reduces the same keys as the others in minibatch_sums."""
+        sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in keys}
+        finite = True
         for i, r in enumerate(micro):
             loss, stats = loss_and_stats(i, exp.select(r))
             if not torch.isfinite(loss):  # every process goes on to the same collectives, then all skip the step
