@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import sys
@@ -30,7 +31,7 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.rollout import load_prompts, prompt_indices
 from lmforge.stages.ppo import PPOConfig, build_trainer
 from lmforge.tokenizer import train_tokenizer
-from lmforge.training import pick_device
+from lmforge.training import pick_device, synced_time
 
 SIZES = {  # model, rollouts per iteration, minibatch, micro-batch, new tokens
     # issue 16's CPU configuration: 2 x 128, 16 rollouts x 32 tokens, 4 epochs over one minibatch, T 0.7
@@ -54,12 +55,86 @@ def corpus_lines(n: int = 4000) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 16))) + "." for _ in range(n)]
 
 
+MATMULS = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default",
+           "aten.linear.default")  # linear: as seen under inference_mode, where it is not decomposed
+
+
+def matmul_flops(op: str, shapes: list[tuple[int, ...]]) -> int:
+    """FLOPs of one recorded matmul from its tensor arguments' shapes."""
+    if op.startswith("aten.linear"):
+        x, w = shapes[0], shapes[1]
+        return 2 * math.prod(x[:-1]) * x[-1] * w[0]
+    a, b = (shapes[1], shapes[2]) if op.startswith(("aten.addmm", "aten.baddbmm")) else (shapes[0], shapes[1])
+    return 2 * math.prod(a) * b[-1]
+
+
+def matmul_floor(run_once, device: torch.device, repeats: int = 5) -> dict:
+    """Record every matmul of run_once() (one PPO iteration, actor and critic one after the other so that one
+    thread sees every op), then replay just those matmuls, at the same shapes, strides and in the same grad mode,
+    on random data: the time the iteration's matmuls take alone on this machine (median of `repeats` replays).
+    Also the 2048^3 matmul peak right after, so the two compare within one run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lmforge import cpu_threads
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in MATMULS:
+                spec = [("tensor", a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+                self.calls.append((func, spec, dict(kwargs or {}), torch.is_inference_mode_enabled()))
+            return func(*args, **(kwargs or {}))
+
+    side_by_side = cpu_threads.side_by_side
+    cpu_threads.side_by_side = lambda device: False  # lanes' threads would not see this thread's mode
+    try:
+        with Record() as rec:
+            run_once()
+    finally:
+        cpu_threads.side_by_side = side_by_side
+
+    def like(a):  # random data in the recorded layout (a broadcast bias keeps its zero stride)
+        if not (isinstance(a, tuple) and a and a[0] == "tensor"):
+            return a
+        _, shape, stride, dtype = a
+        storage = max(1, 1 + sum((n - 1) * st for n, st in zip(shape, stride)))
+        return torch.randn(storage, device=device).to(dtype).as_strided(shape, stride)
+
+    calls = [(func, [like(a) for a in spec], kwargs, inference) for func, spec, kwargs, inference in rec.calls]
+    gflop = sum(matmul_flops(str(f), [a.shape for a in args if isinstance(a, torch.Tensor)])
+                for f, args, _, _ in calls) / 1e9
+
+    def replay():
+        for func, args, kwargs, inference in calls:
+            with torch.inference_mode(inference):
+                func(*args, **kwargs)
+
+    replay()
+    times = []
+    for _ in range(repeats):
+        t0 = synced_time(device)
+        replay()
+        times.append(synced_time(device) - t0)
+    a = torch.randn(2048, 2048, device=device)
+    a @ a
+    t0 = synced_time(device)
+    a @ a
+    peak = 2 * 2048 ** 3 / (synced_time(device) - t0)
+    return {"seconds": statistics.median(times), "count": len(calls), "gflop": gflop, "peak": peak}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--device", default="auto")
     p.add_argument("--iterations", type=int, default=4, help="timed iterations (after one warm-up)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--matmul-floor", action="store_true",
+                   help="also time the iteration's own matmuls alone: every mm / addmm / bmm / linear of one "
+                        "iteration replayed at its shapes on random data (a lower bound no eager code goes under)")
     p.add_argument("--glibc-malloc", action="store_true",
                    help="leave glibc's malloc as it is (lmforge keeps freed memory for reuse: cli.keep_freed_memory)")
     args = p.parse_args()
@@ -119,6 +194,14 @@ def main() -> None:
     print(f"  rollout tokens/s           {med['rollout_tokens_per_s']:9.0f}   (mean response "
           f"{statistics.mean(r['response_len'] for r in rows):.1f} tokens)")
     print(f"  {peak_name:<26} {peak:9.0f} MiB")
+    if args.matmul_floor:
+        it = args.iterations + 1
+        batch_prompts = [prompts[i] for i in prompt_indices(len(prompts), it, batch, cfg.seed)]
+        floor = matmul_floor(lambda: trainer.iteration(batch_prompts, cfg.seed, it), device)
+        med["matmul_floor"] = floor["seconds"]
+        print(f"  matmul floor               {floor['seconds'] * 1000:9.1f} ms  ({floor['count']} matmuls, "
+              f"{floor['gflop']:.1f} GFLOP, {floor['gflop'] / floor['seconds']:.0f} GFLOP/s at their shapes; "
+              f"2048^3 peak {floor['peak'] / 1e9:.0f} GFLOP/s; iteration / floor {med['time_total'] / floor['seconds']:.2f})")
     print(json.dumps({"size": args.size, "device": name, **{k: round(v, 5) for k, v in med.items()},
                       "peak_mib": round(peak)}), file=sys.stderr)
 
