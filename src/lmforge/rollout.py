@@ -27,7 +27,7 @@ from lmforge.prompts import Prompt, encode_prompts, read_prompts
 from lmforge.rl_utils import logprobs_from_logits
 from lmforge.tokenizer import Tokenizer
 from lmforge.distributed import DistInfo
-from lmforge.training import step_generator, synced_time
+from lmforge.training import autocast, step_generator, synced_time
 
 # reward_fn(prompt_texts, response_texts, response_ids) -> one float per response. prompt_texts are the last
 # user turns, response_texts the decoded responses (without the stop token), response_ids the sampled ids.
@@ -246,6 +246,8 @@ class RLTrainer:
     device: torch.device
     sampling: SamplingParams
     dist: DistInfo
+    tok: Tokenizer
+    cfg: object  # the stage's config: old_logprobs, temperature, micro_batch_size are read here
     rows_per_prompt: int = 1  # responses sampled per prompt (GRPO: the group size)
 
     def iteration(self, prompts: list[Prompt], seed: int, iteration: int) -> tuple[dict, Samples, Experience]:
@@ -265,6 +267,27 @@ class RLTrainer:
         if threads:
             stats["cpu_threads"] = threads  # fewer while another program kept a core busy
         return stats, samples, exp
+
+    @torch.no_grad()
+    def sample_with_logprobs(self, policy: Transformer, ref: Transformer, prompts: list[Prompt],
+                             generator: torch.Generator | None, uniforms: torch.Tensor | None
+                             ) -> tuple[Samples, list[float]]:
+        """Sample one response per prompt, then the log-probs of its tokens under the behaviour policy (the
+        sampler's own where use_sampler_logprobs says so) and under the frozen reference, set on the samples'
+        experience. Returns (samples, clock readings before sampling, after it, after each log-prob pass)."""
+        cfg, dev, mb = self.cfg, self.device, self.cfg.micro_batch_size
+        t0 = synced_time(dev)
+        with autocast(dev):
+            samples = sample_responses(policy, self.tok, prompts, self.sampling, generator, uniforms)
+            exp = samples.experience
+            t1 = synced_time(dev)
+            if use_sampler_logprobs(cfg.old_logprobs, policy):  # what the KV-cache decode computed already
+                exp.logprobs = sampler_logprobs(samples)
+            else:  # teacher-forced: the same kernels as the update, so the first ratio is exactly 1
+                exp.logprobs = in_chunks(lambda e: policy_logprobs(policy, e, cfg.temperature), exp, mb)
+            t2 = synced_time(dev)
+            exp.ref_logprobs = in_chunks(lambda e: policy_logprobs(ref, e, cfg.temperature), exp, mb)
+        return samples, [t0, t1, t2, synced_time(dev)]
 
     def minibatch_count(self, n: torch.Tensor) -> torch.Tensor:
         """A count over the whole minibatch (every process's rows): the denominator of its token weights."""

@@ -40,9 +40,8 @@ from lmforge.lora import (LoraConfig, apply_lora, check_resume_rank, load_traina
                           trainable_state_dict)
 from lmforge.model import Transformer
 from lmforge.rl_utils import clipped_surrogate, group_advantages, kl_estimate
-from lmforge.rollout import (Experience, Prompt, RewardFn, RLTrainer, Samples, check_process_split, in_chunks, load_prompts,
-                             load_reward_fn, minibatch_epochs, policy_logprobs, prompt_indices, sample_responses,
-                             sampler_logprobs, scores_from_fn, use_sampler_logprobs)
+from lmforge.rollout import (Experience, Prompt, RewardFn, RLTrainer, Samples, check_process_split, load_prompts,
+                             load_reward_fn, minibatch_epochs, policy_logprobs, prompt_indices, scores_from_fn)
 from lmforge.rundir import RunDir
 from lmforge.scoring import RewardScorer, check_reward_model, disable_dropout
 from lmforge.stage import Stage, StageContext
@@ -195,21 +194,10 @@ class GRPOTrainer(RLTrainer):
                         uniforms: torch.Tensor | None = None):
         """Sample group_size responses per prompt, score them and compute the group-relative advantages:
         (Experience, Samples, stats). Row i answers prompts[i // group_size]."""
-        cfg, dev, mb, G = self.cfg, self.device, self.cfg.micro_batch_size, self.cfg.group_size
+        cfg, dev, G = self.cfg, self.device, self.cfg.group_size
         batch = [p for p in prompts for _ in range(G)]  # each prompt's group on consecutive rows
-        t0 = synced_time(dev)
-        with autocast(dev):
-            samples = sample_responses(self.policy, self.tok, batch, self.sampling, generator, uniforms)
+        samples, (t0, t1, t2, t3) = self.sample_with_logprobs(self.policy, self.ref, batch, generator, uniforms)
         exp = samples.experience
-        t1 = synced_time(dev)
-        with autocast(dev):
-            if use_sampler_logprobs(cfg.old_logprobs, self.policy):  # what the KV-cache decode computed already
-                exp.logprobs = sampler_logprobs(samples)
-            else:  # teacher-forced: the same kernels as the update, so the first ratio is exactly 1
-                exp.logprobs = in_chunks(lambda e: policy_logprobs(self.policy, e, cfg.temperature), exp, mb)
-            t2 = synced_time(dev)
-            exp.ref_logprobs = in_chunks(lambda e: policy_logprobs(self.ref, e, cfg.temperature), exp, mb)
-        t3 = synced_time(dev)
         raw, parts = self.score(batch, samples)
         t4 = synced_time(dev)
 

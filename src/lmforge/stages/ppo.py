@@ -44,7 +44,7 @@ from lmforge.rl_utils import (KLController, clipped_surrogate, clipped_value_los
                               kl_estimate, masked_mean, masked_whiten, token_rewards)
 from lmforge.rollout import (Experience, Prompt, RewardFn, RLTrainer, Samples, check_process_split, critic_values,
                              in_chunks, load_prompts, minibatch_epochs, policy_logprobs, prompt_indices,
-                             sample_responses, sampler_logprobs, scores_from_fn, use_sampler_logprobs)
+                             scores_from_fn)
 from lmforge.ptx import PtxConfig, PtxSource
 from lmforge.tokenizer import Tokenizer
 from lmforge.distributed import DistInfo, gather_rows, init_distributed, sum_gradients
@@ -195,19 +195,9 @@ class PPOTrainer(RLTrainer):
         the whole batch gathered from every process (the same numbers one process computes), then each process
         keeps its own rows."""
         cfg, dev, mb = self.cfg, self.device, self.cfg.micro_batch_size
-        t0 = synced_time(dev)
-        with autocast(dev):
-            samples = sample_responses(self.actor, self.tok, prompts, self.sampling, generator, uniforms)
+        samples, (t0, t1, t2, t3) = self.sample_with_logprobs(self.actor, self.ref, prompts, generator, uniforms)
         exp = samples.experience
-        t1 = synced_time(dev)
         with autocast(dev):
-            if use_sampler_logprobs(cfg.old_logprobs, self.actor):  # what the KV-cache decode computed already
-                exp.logprobs = sampler_logprobs(samples)
-            else:  # teacher-forced: the same kernels as the update, so the first ratio is exactly 1
-                exp.logprobs = in_chunks(lambda e: policy_logprobs(self.actor, e, cfg.temperature), exp, mb)
-            t2 = synced_time(dev)
-            exp.ref_logprobs = in_chunks(lambda e: policy_logprobs(self.ref, e, cfg.temperature), exp, mb)
-            t3 = synced_time(dev)
             exp.values = in_chunks(lambda e: critic_values(self.critic, e), exp, mb)
             t4 = synced_time(dev)
             raw = self.score(prompts, samples).to(dev, torch.float32)
