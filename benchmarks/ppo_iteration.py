@@ -3,6 +3,7 @@ model forward passes) and update, for a fixed configuration; report rollout toke
 
     python benchmarks/ppo_iteration.py                       # tiny, CPU (seconds)
     python benchmarks/ppo_iteration.py --size cpu16 --iterations 20   # 2 x 128, 4 epochs, T 0.7 (issue 16)
+    python benchmarks/ppo_iteration.py --size cpu16 --iterations 20 --matmul-floor   # + its matmuls alone
     python benchmarks/ppo_iteration.py --size gpt2 --device cuda
 
 Models are randomly initialised: a near-uniform policy over the whole vocabulary rarely samples a stop token,
