@@ -186,3 +186,34 @@ def test_fsdp2_saves_a_checkpoint_one_process_loads_and_resumes(inputs, tmp_path
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-5), (a["step"], k)
     assert first[:4] == resumed[:4]  # the log of the sharded part was kept
+
+
+FSDP_GENERATE_FIRST = """
+import torch, torch.distributed as dist
+from lmforge.distributed import shard_model
+from lmforge.generation import SamplingParams, generate
+from lmforge.model import ModelConfig, Transformer
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=32))
+shard_model(model)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+out = generate(model, [[1, 2, 3], [4, 5]], SamplingParams(4, temperature=0.0), [0], 0)
+ids = torch.randint(0, 64, (2, 9))
+model(ids[:, :-1], labels=ids[:, 1:]).backward()
+opt.step()
+print("trained after sampling", len(out.tokens))
+dist.destroy_process_group()
+"""
+
+
+def test_an_fsdp2_model_samples_before_its_first_training_step(tmp_path):
+    """generate runs under inference mode, except on an FSDP2-sharded model: there a first forward under inference
+    mode would gather the parameters into inference tensors that the training step after it cannot update."""
+    script = tmp_path / "fsdp_generate_first.py"
+    script.write_text(FSDP_GENERATE_FIRST)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.count("trained after sampling 2") == 2

@@ -304,6 +304,19 @@ def test_head_at_and_labels_run_the_last_block_on_their_positions_only():
     torch.testing.assert_close(critic(ids, head_at=(rows, cols)), critic(ids)[rows, cols], atol=1e-6, rtol=1e-5)
 
 
+def test_head_at_columns_index_as_the_full_output_does():
+    """head_at's columns follow tensor indexing: -1 is each row's last position (not the row before's), and a
+    column past the end raises instead of reading the next row."""
+    model = _model()
+    ids = torch.randint(0, 400, (3, 6))
+    rows = torch.arange(3)
+    torch.testing.assert_close(model(ids, head_at=(rows, torch.tensor([-1, -6, 2]))),
+                               model(ids)[rows, torch.tensor([-1, -6, 2])], atol=1e-6, rtol=1e-5)
+    for col in (6, -7):
+        with pytest.raises(IndexError):
+            model(ids, head_at=(torch.tensor([0]), torch.tensor([col])))
+
+
 def test_a_prefill_that_keeps_the_last_position_fills_the_whole_cache():
     """generate's prefill reads one position per row (head_at): every position's keys and values still reach the
     cache, so the decode steps after it see the same cache as after a full prefill."""

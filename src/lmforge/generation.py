@@ -8,6 +8,7 @@ sees the same positions as it would alone. Log-probs of the sampled tokens alway
 from __future__ import annotations
 
 import codecs
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -106,7 +107,26 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, t
     return block[:, 0] * CDF_BLOCK + torch.searchsorted(inner, rest[:, None], right=True)[:, 0], total
 
 
-@torch.inference_mode()  # ~5% faster than no_grad for a small model's decode loop; only lists leave it
+def _fsdp_sharded(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a PyTorch build without torch.distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _without_grad(fn):
+    """Run fn(model, ...) under torch.inference_mode: ~5% faster than no_grad for a small model's decode loop, and
+    only lists leave it. An FSDP2-sharded model gets no_grad instead: a first forward under inference mode would
+    gather its parameters into inference tensors, which the next training step may not update in place."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        with torch.no_grad() if _fsdp_sharded(model) else torch.inference_mode():
+            return fn(model, *args, **kwargs)
+    return run
+
+
+@_without_grad
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int],
              pad_id: int, generator: torch.Generator | None = None, on_tokens=None,
              uniforms: torch.Tensor | None = None) -> Generation:

@@ -467,10 +467,11 @@ class Transformer(nn.Module):
                 head_at: tuple[torch.Tensor, torch.Tensor] | None = None, labels: torch.Tensor | None = None,
                 reduction: str = "mean"):
         """LM logits (B, T, V) for an LM head, else scalar scores (B, T). head_at=(rows, cols): the head only at
-        those positions, (N, V) or (N,) (a wide LM head on every position is wasted work when few are needed;
-        through forward, unlike hidden_states, DDP sees the call). labels (B, T), already aligned with the
-        positions that predict them (IGNORE elsewhere): instead of logits, the LM head's cross-entropy over the
-        labelled positions, their mean or sum, without materialising the logits (losses.linear_cross_entropy)."""
+        those positions (negative columns count from the end), (N, V) or (N,) (a wide LM head on every position is
+        wasted work when few are needed; through forward, unlike hidden_states, DDP sees the call). labels (B, T),
+        already aligned with the positions that predict them (IGNORE elsewhere): instead of logits, the LM head's
+        cross-entropy over the labelled positions, their mean or sum, without materialising the logits
+        (losses.linear_cross_entropy)."""
         T = input_ids.shape[1]
         keep = None
         if labels is not None:
@@ -484,7 +485,10 @@ class Transformer(nn.Module):
                 keep = labelled.nonzero()[:, 0]
                 labels = labels.reshape(-1)[keep]
         elif head_at is not None:
-            keep = head_at[0] * T + head_at[1]
+            rows, cols = head_at
+            if not torch.compiler.is_compiling() and bool(((cols >= T) | (cols < -T)).any()):
+                raise IndexError(f"head_at column out of range for {T} positions")
+            keep = rows * T + torch.where(cols < 0, cols + T, cols)  # -1: each row's last position, as h[rows, cols]
         h = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, cache, keep)
         if labels is not None:
             return linear_cross_entropy(h, self.lm_head.weight, labels, reduction)
