@@ -177,12 +177,14 @@ def side_by_side(device) -> bool:
     """After adapt(device): whether two independent models' forward and backward passes (PPO's actor and critic)
     should run at once, each in its own single-threaded lane (run_lanes), rather than one after the other on every
     thread. On a CPU with two threads (a 2-core machine: 58 vs 66 ms for a cpu16 PPO epoch, BENCHMARKS.md; small
-    ops scale poorly over OpenMP threads) or while other programs leave at most half of the CPUs free."""
+    ops scale poorly over OpenMP threads) or while other programs leave at most half of the CPUs free, and then
+    only if that leaves at most two: two lanes of one thread each would idle the rest of a larger machine."""
     if torch.device(device).type != "cpu":
         return False
     gov = _governor()
-    threads = gov.max_threads if gov.enabled else torch.get_num_threads()
-    return threads == 2 or gov.lanes() > 1
+    if not gov.enabled:
+        return torch.get_num_threads() == 2
+    return gov.free <= 2 and (gov.max_threads == 2 or gov.lanes() > 1)
 
 
 _POOL: tuple[ThreadPoolExecutor, int] | None = None  # the lanes' threads, and how many
