@@ -108,14 +108,14 @@ def test_off_when_the_user_chose_the_threads_or_turned_it_off(monkeypatch):
 
 
 def test_two_models_side_by_side_on_two_threads_or_a_busy_machine(monkeypatch, busy_cpu):
-    """side_by_side: PPO's actor and critic in two single-threaded lanes on a 2-thread CPU (quiet or busy) and
-    while other programs leave at most half of the CPUs free, at most two of them (two lanes would idle more);
-    never on a GPU nor with more threads on a quiet machine."""
+    """side_by_side: PPO's actor and critic in two single-threaded lanes whenever at most two CPUs are free (a
+    2-thread CPU, quiet or busy; a larger one that other programs keep busy); never on a GPU nor with more CPUs
+    free."""
     assert not cpu_threads.side_by_side("cuda")
     busy_cpu.begin()  # 2 threads, one CPU measured free
     busy_cpu.adapt()
     assert torch.get_num_threads() == 1 and cpu_threads.side_by_side("cpu")
-    many = ThreadGovernor(enabled=True)  # a 16-thread machine: lanes only once at most 2 CPUs are left free
+    many = ThreadGovernor(enabled=True)  # a 16-thread machine: lanes only once at most 2 CPUs are free
     many.enabled, many.max_threads = True, 16
     monkeypatch.setattr(cpu_threads, "_GOVERNOR", many)
     for free, want in ((16, False), (8, False), (2, True), (1, True)):

@@ -176,15 +176,14 @@ def lanes(device) -> int:
 def side_by_side(device) -> bool:
     """After adapt(device): whether two independent models' forward and backward passes (PPO's actor and critic)
     should run at once, each in its own single-threaded lane (run_lanes), rather than one after the other on every
-    thread. On a CPU with two threads (a 2-core machine: 58 vs 66 ms for a cpu16 PPO epoch, BENCHMARKS.md; small
-    ops scale poorly over OpenMP threads) or while other programs leave at most half of the CPUs free, and then
-    only if that leaves at most two: two lanes of one thread each would idle the rest of a larger machine."""
+    thread: when at most two CPUs are this process's to use. On two threads the lanes are faster (a 2-core machine:
+    58 vs 66 ms for a cpu16 PPO epoch, BENCHMARKS.md; small ops scale poorly over OpenMP threads); with one CPU
+    left free by other programs they take the process's fair share of the busy ones; with more CPUs free, two
+    single-threaded lanes would leave the rest idle."""
     if torch.device(device).type != "cpu":
         return False
     gov = _governor()
-    if not gov.enabled:
-        return torch.get_num_threads() == 2
-    return gov.free <= 2 and (gov.max_threads == 2 or gov.lanes() > 1)
+    return gov.free <= 2 if gov.enabled else torch.get_num_threads() == 2
 
 
 _POOL: tuple[ThreadPoolExecutor, int] | None = None  # the lanes' threads, and how many
