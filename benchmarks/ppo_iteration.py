@@ -32,7 +32,7 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.rollout import load_prompts, prompt_indices
 from lmforge.stages.ppo import PPOConfig, build_trainer
 from lmforge.tokenizer import train_tokenizer
-from lmforge.training import pick_device, synced_time
+from lmforge.training import device_peak_flops, measure_cpu_matmul_peak, pick_device, synced_time
 
 SIZES = {  # model, rollouts per iteration, minibatch, micro-batch, new tokens
     # issue 16's CPU configuration: 2 x 128, 16 rollouts x 32 tokens, 4 epochs over one minibatch, T 0.7
@@ -73,7 +73,8 @@ def matmul_floor(run_once, device: torch.device, repeats: int = 5) -> dict:
     """Record every matmul of run_once() (one PPO iteration, actor and critic one after the other so that one
     thread sees every op), then replay just those matmuls, at the same shapes, strides and in the same grad mode,
     on random data: the time the iteration's matmuls take alone on this machine (median of `repeats` replays).
-    Also the 2048^3 matmul peak right after, so the two compare within one run."""
+    Also the matmul peak right after (on a CPU the best 2048^3 fp32 matmul of half a second; a GPU's dense bf16
+    peak), so the two compare within one run."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from lmforge import cpu_threads
@@ -119,11 +120,7 @@ def matmul_floor(run_once, device: torch.device, repeats: int = 5) -> dict:
         t0 = synced_time(device)
         replay()
         times.append(synced_time(device) - t0)
-    a = torch.randn(2048, 2048, device=device)
-    a @ a
-    t0 = synced_time(device)
-    a @ a
-    peak = 2 * 2048 ** 3 / (synced_time(device) - t0)
+    peak = measure_cpu_matmul_peak(2048) if device.type == "cpu" else device_peak_flops(device) or float("nan")
     return {"seconds": statistics.median(times), "count": len(calls), "gflop": gflop, "peak": peak}
 
 
@@ -202,7 +199,7 @@ def main() -> None:
         med["matmul_floor"] = floor["seconds"]
         print(f"  matmul floor               {floor['seconds'] * 1000:9.1f} ms  ({floor['count']} matmuls, "
               f"{floor['gflop']:.1f} GFLOP, {floor['gflop'] / floor['seconds']:.0f} GFLOP/s at their shapes; "
-              f"2048^3 peak {floor['peak'] / 1e9:.0f} GFLOP/s; iteration / floor {med['time_total'] / floor['seconds']:.2f})")
+              f"peak {floor['peak'] / 1e9:.0f} GFLOP/s; iteration / floor {med['time_total'] / floor['seconds']:.2f})")
     print(json.dumps({"size": args.size, "device": name, **{k: round(v, 5) for k, v in med.items()},
                       "peak_mib": round(peak)}), file=sys.stderr)
 
