@@ -21,15 +21,13 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import sys
 import time
 import uuid
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as ResultTimeout  # builtin TimeoutError only from 3.11
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator
 
@@ -39,7 +37,7 @@ from tqdm import tqdm
 
 from lmforge.errors import LmforgeError
 from lmforge.rundir import check_output_dir
-from lmforge.tokenizer import FastEncoder, Tokenizer, _encode_in_worker, _init_worker, encode_documents, iter_documents
+from lmforge.tokenizer import FastEncoder, Tokenizer, encode_documents, iter_documents, tokenizing_worker
 
 MANIFEST = "manifest.json"
 FORMAT = "lmforge-tokens-v1"
@@ -239,54 +237,84 @@ def _worker_count(processes: int | None, inputs: list[str | Path]) -> int:
     return cores if cores > 1 and size >= PARALLEL_MIN_BYTES else 0
 
 
-def _start_workers(n: int, fast: FastEncoder, bos: int | None, eos: int, dtype: np.dtype) -> ProcessPoolExecutor:
-    # spawn, not fork: forking a process that has imported torch (threads, OpenMP) can deadlock. The worker
-    # functions live in lmforge.tokenizer, which imports no torch, so a worker starts in ~0.3 s.
-    return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                               initargs=(fast, bos, eos, dtype))
+class _Workers:
+    """Spawned tokenizing processes (lmforge.tokenizer.tokenizing_worker), each with a pipe of its own. Chunk i
+    goes to worker i % n and the results are read back in that order, so the output is the same bytes for any
+    number of workers; each worker holds at most IN_FLIGHT chunks, so memory stays bounded however large the
+    corpus. No helper threads here, so stopping is killing the processes (ProcessPoolExecutor's manager thread
+    hung interpreter exit after a Ctrl-C about 1 run in 8: it waited forever on a result that a killed worker
+    had half sent)."""
 
+    IN_FLIGHT = 2  # per worker: the next chunk waits in the worker while it encodes one
 
-def _encode_in_workers(pool: ProcessPoolExecutor, chunks: Iterator[list[str]], in_flight: int) -> Iterator[Encoded]:
-    """The chunks encoded by the workers, in order. At most `in_flight` chunks are out at once, so memory stays
-    bounded however large the corpus is."""
-    pending: deque = deque()
-    try:
-        for texts in chunks:
-            pending.append(pool.submit(_encode_in_worker, texts))
-            if len(pending) >= in_flight:
-                yield _result(pending.popleft(), pool)
-        while pending:
-            yield _result(pending.popleft(), pool)
-    except BrokenProcessPool:  # a worker was killed (out of memory, a signal): fail, never wait forever
-        raise LmforgeError("a tokenizing worker process died (killed, or out of memory; or, called from a script, "
-                           "prepare_data must run under `if __name__ == \"__main__\":`, which worker processes "
-                           "skip); nothing was written") from None
-
-
-def _result(future, pool: ProcessPoolExecutor):
-    """future.result(), checking every second that no worker has died: under load a worker killed mid-task
-    can leave the executor waiting for it forever (seen ~1 run in 6 with the CPU busy), not broken."""
-    while True:
+    def __init__(self, n: int, fast: FastEncoder, bos: int | None, eos: int, dtype: np.dtype):
+        # spawn, not fork: forking a process that has imported torch (threads, OpenMP) can deadlock
+        ctx = multiprocessing.get_context("spawn")
+        self.conns, self.procs = [], []
         try:
-            return future.result(timeout=1.0)
-        except ResultTimeout:
-            if any(p.exitcode is not None for p in list((pool._processes or {}).values())):
-                raise BrokenProcessPool("a worker process died") from None
+            for _ in range(n):
+                conn, child_end = ctx.Pipe()
+                proc = ctx.Process(target=tokenizing_worker, args=(child_end, fast, bos, eos, dtype), daemon=True)
+                proc.start()
+                child_end.close()  # the worker's end is the worker's alone: its death reads as EOF here
+                self.conns.append(conn)
+                self.procs.append(proc)
+        except BaseException:
+            self.stop(clean=False)
+            raise
 
+    def encode(self, chunks: Iterator[list[str]]) -> Iterator[Encoded]:
+        """The chunks encoded by the workers, in order; the next chunks are read while the workers encode."""
+        busy: deque[int] = deque()  # the worker of each chunk out, oldest first
+        for i, texts in enumerate(chunks):
+            w = i % len(self.procs)
+            result = self._receive(busy.popleft()) if len(busy) == self.IN_FLIGHT * len(self.procs) else None
+            self._send(w, texts)  # before the caller writes the result: no worker waits for that
+            busy.append(w)
+            if result is not None:
+                yield result
+        while busy:
+            yield self._receive(busy.popleft())
 
-def _stop_workers(pool: ProcessPoolExecutor, clean: bool) -> None:
-    """Shut the pool down: after a clean run, let the workers exit; after an error or Ctrl-C, kill them and
-    wait for them (a worker killed mid-task can leave the others blocked, and a waiting shutdown with them)."""
-    if clean:
-        pool.shutdown(wait=True)
-        return
-    workers = list((pool._processes or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for p in workers:
-        if p.exitcode is None:
-            p.kill()
-    for p in workers:
-        p.join(timeout=10)
+    def _died(self) -> LmforgeError:
+        return LmforgeError("a tokenizing worker process died (killed, or out of memory; or, called from a script, "
+                            "prepare_data must run under `if __name__ == \"__main__\":`, which worker processes "
+                            "skip); nothing was written")
+
+    def _send(self, w: int, texts: list[str]) -> None:
+        try:
+            self.conns[w].send(texts)
+        except OSError:  # BrokenPipeError, ConnectionResetError: the worker is gone
+            raise self._died() from None
+
+    def _receive(self, w: int) -> Encoded:
+        conn, proc = self.conns[w], self.procs[w]
+        if conn not in multiprocessing.connection.wait([conn, proc.sentinel]):
+            raise self._died()
+        try:
+            result = conn.recv()
+        except (EOFError, OSError):  # died mid-message
+            raise self._died() from None
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def stop(self, clean: bool) -> None:
+        """After a clean run, tell the (idle) workers to exit; after an error or Ctrl-C, kill them. Both wait."""
+        for conn, proc in zip(self.conns, self.procs):
+            if clean and proc.exitcode is None:
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+        for proc in self.procs:
+            if clean:
+                proc.join(timeout=10)
+            if proc.exitcode is None:
+                proc.kill()
+            proc.join(timeout=10)
+        for conn in self.conns:
+            conn.close()
 
 
 def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: str | Path,
@@ -340,8 +368,8 @@ def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
         head = encode_documents(encoder.encode_batch, first, bos, eos, dtype)
         workers = _worker_count(processes, inputs) if fast is not None else 0
         if workers:
-            pool = _start_workers(workers, fast, bos, eos, dtype)
-            rest = _encode_in_workers(pool, chunks, in_flight=2 * workers + 2)  # every worker busy, reading ahead
+            pool = _Workers(workers, fast, bos, eos, dtype)
+            rest = pool.encode(chunks)
         else:
             rest = (encode_documents(encoder.encode_batch, texts, bos, eos, dtype) for texts in chunks)
         n_docs = 0
@@ -381,7 +409,7 @@ def prepare_data(inputs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
         _swap_into_place(tmp, out)
     finally:
         if pool is not None:  # on an error or Ctrl-C too
-            _stop_workers(pool, clean=sys.exc_info()[0] is None)
+            pool.stop(clean=sys.exc_info()[0] is None)
         bar.close()
         for w in writers.values():
             w.close()

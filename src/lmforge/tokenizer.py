@@ -431,18 +431,28 @@ def encode_documents(encode_batch, texts: list[str], bos: int | None, eos: int, 
     return np.array(flat, dtype=dtype), np.array(lengths, dtype=np.int64), np.array(n_bytes, dtype=np.int64)
 
 
-# A tokenizing worker process (`lmforge data prepare`): this module imports no torch, so one starts in ~0.3 s.
-_WORKER: tuple | None = None
-
-
-def _init_worker(encoder: FastEncoder, bos: int | None, eos: int, dtype) -> None:
+def tokenizing_worker(conn, encoder: FastEncoder, bos: int | None, eos: int, dtype) -> None:
+    """A `lmforge data prepare` worker process: encode each list of texts received on `conn` and send back
+    `encode_documents` of it (or the exception), until None arrives. A thread takes the chunks in as they come,
+    so the parent never blocks sending one while this process blocks sending it a result (a deadlock), and the
+    next chunk is here when one is done. This module imports no torch, so a spawned worker starts in ~0.3 s."""
+    import queue
     import signal
+    import threading
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
-    global _WORKER
-    _WORKER = (encoder, bos, eos, dtype)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it kills the workers
+    chunks: queue.SimpleQueue = queue.SimpleQueue()
 
+    def take_in():
+        while True:
+            chunks.put(texts := conn.recv())
+            if texts is None:
+                return
 
-def _encode_in_worker(texts: list[str]):
-    encoder, bos, eos, dtype = _WORKER
-    return encode_documents(encoder.encode_batch, texts, bos, eos, dtype)
+    threading.Thread(target=take_in, daemon=True).start()
+    while (texts := chunks.get()) is not None:
+        try:
+            result = encode_documents(encoder.encode_batch, texts, bos, eos, dtype)
+        except Exception as e:  # the parent raises it; a worker that died instead would look killed
+            result = e
+        conn.send(result)
