@@ -381,6 +381,22 @@ def test_worker_processes_write_the_same_bytes_as_one_process(tok, tmp_path, doc
     assert two["splits"]["train"]["documents"] + two["splits"]["val"]["documents"] == len(docs)
 
 
+def test_a_workers_exception_is_raised_here_and_the_workers_stop(tok):
+    from lmforge.data import _Workers
+
+    workers = _Workers(2, tok.fast_encoder(), tok.special.bos, tok.special.eos, np.dtype(np.uint16))
+    try:
+        chunks = [["a cat"], ["a dog"], [None], ["a bird"]]  # None: tiktoken raises TypeError in worker 0
+        encoded = workers.encode(iter(chunks))
+        assert next(encoded)[0].tolist() == [tok.special.bos, *tok.encode("a cat"), tok.special.eos]
+        assert next(encoded)[0].tolist() == [tok.special.bos, *tok.encode("a dog"), tok.special.eos]
+        with pytest.raises(TypeError):
+            next(encoded)
+    finally:
+        workers.stop(clean=False)
+    assert all(p.exitcode is not None for p in workers.procs)
+
+
 def test_a_bad_line_in_a_middle_file_is_the_same_error_with_workers(tok, tmp_path):
     inputs, _ = _three_inputs(tmp_path)
     bad = tmp_path / "bad.txt"
