@@ -386,12 +386,13 @@ def test_a_workers_exception_is_raised_here_and_the_workers_stop(tok):
 
     workers = _Workers(2, tok.fast_encoder(), tok.special.bos, tok.special.eos, np.dtype(np.uint16))
     try:
-        chunks = [["a cat"], ["a dog"], [None], ["a bird"]]  # None: tiktoken raises TypeError in worker 0
+        chunks = [["a cat"], ["a dog"], [None], ["a bird"]]  # None: encode_batch raises TypeError in worker 0
         encoded = workers.encode(iter(chunks))
         assert next(encoded)[0].tolist() == [tok.special.bos, *tok.encode("a cat"), tok.special.eos]
         assert next(encoded)[0].tolist() == [tok.special.bos, *tok.encode("a dog"), tok.special.eos]
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError) as e:
             next(encoded)
+        assert "in a tokenizing worker process" in str(e.value.__cause__) and "encode_batch" in str(e.value.__cause__)
     finally:
         workers.stop(clean=False)
     assert all(p.exitcode is not None for p in workers.procs)
@@ -445,6 +446,28 @@ def _alive(pid):
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads process states in /proc")
+def test_idle_workers_end_when_their_prepare_process_is_killed(tok, tmp_path):
+    """SIGKILL (or the OOM killer) runs none of prepare's cleanup: its workers, waiting for the next chunk, must see
+    the parent gone and end by themselves, not linger forever."""
+    code = ("import sys, time; import numpy as np; from lmforge.tokenizer import Tokenizer; "
+            "from lmforge.data import _Workers; tok = Tokenizer.load(sys.argv[1]); "
+            "w = _Workers(2, tok.fast_encoder(), tok.special.bos, tok.special.eos, np.dtype(np.uint16)); "
+            "print(*(p.pid for p in w.procs), flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tok_dir(tok, tmp_path))], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)
 
 
 @pytest.mark.slow  # a prepare process with two workers, ~7 s per case

@@ -255,10 +255,10 @@ class _Workers:
             for _ in range(n):
                 conn, child_end = ctx.Pipe()
                 proc = ctx.Process(target=tokenizing_worker, args=(child_end, fast, bos, eos, dtype), daemon=True)
+                self.conns.append(conn)
+                self.procs.append(proc)  # before start: a Ctrl-C just after it must still find the process to stop
                 proc.start()
                 child_end.close()  # the worker's end is the worker's alone: its death reads as EOF here
-                self.conns.append(conn)
-                self.procs.append(proc)
         except BaseException:
             self.stop(clean=False)
             raise
@@ -296,7 +296,7 @@ class _Workers:
         except (EOFError, OSError):  # died mid-message
             raise self._died() from None
         if isinstance(result, BaseException):
-            raise result
+            raise result from RuntimeError("in a tokenizing worker process:\n" + getattr(result, "worker_traceback", ""))
         return result
 
     def stop(self, clean: bool) -> None:
@@ -308,6 +308,8 @@ class _Workers:
                 except OSError:
                     pass
         for proc in self.procs:
+            if proc.pid is None:  # never started (a Ctrl-C while starting the workers)
+                continue
             if clean:
                 proc.join(timeout=10)
             if proc.exitcode is None:

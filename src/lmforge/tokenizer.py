@@ -433,26 +433,34 @@ def encode_documents(encode_batch, texts: list[str], bos: int | None, eos: int, 
 
 def tokenizing_worker(conn, encoder: FastEncoder, bos: int | None, eos: int, dtype) -> None:
     """A `lmforge data prepare` worker process: encode each list of texts received on `conn` and send back
-    `encode_documents` of it (or the exception), until None arrives. A thread takes the chunks in as they come,
-    so the parent never blocks sending one while this process blocks sending it a result (a deadlock), and the
-    next chunk is here when one is done. This module imports no torch, so a spawned worker starts in ~0.3 s."""
+    `encode_documents` of it (or the exception, its traceback text attached), until None arrives or the parent
+    is gone. A thread takes the chunks in as they come, so the parent never blocks sending one while this process
+    blocks sending it a result (a deadlock), and the next chunk is here when one is done. This module imports no
+    torch, so a spawned worker starts in ~0.3 s."""
     import queue
     import signal
     import threading
+    import traceback
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it kills the workers
     chunks: queue.SimpleQueue = queue.SimpleQueue()
 
     def take_in():
-        while True:
-            chunks.put(texts := conn.recv())
-            if texts is None:
-                return
+        try:
+            while (texts := conn.recv()) is not None:
+                chunks.put(texts)
+        except BaseException:  # the parent is gone (EOF), or sent what cannot be read: end, so that it shows
+            pass
+        chunks.put(None)
 
     threading.Thread(target=take_in, daemon=True).start()
     while (texts := chunks.get()) is not None:
         try:
             result = encode_documents(encoder.encode_batch, texts, bos, eos, dtype)
         except Exception as e:  # the parent raises it; a worker that died instead would look killed
+            e.worker_traceback = traceback.format_exc()  # pickled with the exception (its __dict__)
             result = e
-        conn.send(result)
+        try:
+            conn.send(result)
+        except OSError:  # the parent is gone
+            return
