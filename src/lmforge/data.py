@@ -296,7 +296,8 @@ class _Workers:
         except (EOFError, OSError):  # died mid-message
             raise self._died() from None
         if isinstance(result, BaseException):
-            raise result from RuntimeError("in a tokenizing worker process:\n" + getattr(result, "worker_traceback", ""))
+            where = getattr(result, "worker_traceback", "")
+            raise result from RuntimeError(f"in a tokenizing worker process:\n{where}")
         return result
 
     def stop(self, clean: bool) -> None:
