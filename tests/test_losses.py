@@ -1,10 +1,11 @@
-"""The fused LM-head cross-entropy against the plain path (logits, then F.cross_entropy) and a hand computation."""
+"""The fused LM-head cross-entropy and log-probs against the plain paths (logits, then F.cross_entropy or
+log-softmax) and hand computations."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.losses import IGNORE, linear_cross_entropy, lm_loss
+from lmforge.losses import IGNORE, linear_cross_entropy, linear_logprobs, lm_loss
 from lmforge.model import ModelConfig, Transformer
 
 
@@ -140,3 +141,49 @@ def test_under_bf16_autocast_matmuls_run_in_bf16_and_softmax_and_gradients_stay_
     assert torch.allclose(got, ref, rtol=1e-5)
     assert torch.allclose(gh, rh, atol=1e-3 * rh.abs().max().item())
     assert torch.allclose(gw, rw, atol=1e-2 * rw.abs().max().item())  # bf16 outputs per chunk vs one matmul
+
+
+def test_linear_logprobs_are_the_hand_computed_tempered_logprobs_and_entropies():
+    hidden, weight, _ = _inputs(n=5, d=3, v=4)
+    targets = torch.tensor([0, 3, 1, 1, 2])
+    logp, entropy = linear_logprobs(hidden, weight, targets, temperature=0.5, with_entropy=True, chunk_rows=2)
+    for i in range(5):
+        z = (hidden[i] @ weight.T) / 0.5
+        p = torch.exp(z) / torch.exp(z).sum()
+        assert torch.allclose(logp[i], torch.log(p[targets[i]]), atol=1e-12)
+        assert torch.allclose(entropy[i], -(p * torch.log(p)).sum(), atol=1e-12)
+    assert not entropy.requires_grad  # a statistic
+
+
+@pytest.mark.parametrize("keep_logits", [True, False])  # backward from kept logits, or recomputing them
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 7, 64])   # chunks of one row, uneven last chunk, one chunk
+def test_linear_logprobs_values_and_gradients_equal_the_unfused_path(temperature, chunk_rows, keep_logits):
+    hidden, weight, targets = _inputs()
+    targets = targets.clamp(min=0)
+    upstream = torch.randn(len(targets), generator=torch.Generator().manual_seed(1), dtype=hidden.dtype)
+    ref = torch.log_softmax(hidden @ weight.T / temperature, -1).gather(1, targets[:, None]).squeeze(1)
+    g_ref = torch.autograd.grad((ref * upstream).sum(), (hidden, weight))  # per-token upstream gradients, as PPO's
+    got = linear_logprobs(hidden, weight, targets, temperature, chunk_rows=chunk_rows, keep_logits=keep_logits)
+    g_got = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
+    assert torch.allclose(got, ref, atol=1e-12)
+    for a, b in zip(g_got, g_ref):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_linear_logprobs_in_fp32_match_fp64_with_extreme_logits_and_a_frozen_head():
+    hidden, weight, targets = _inputs(n=64, d=16, v=50, dtype=torch.float32)
+    targets = targets.clamp(min=0)
+    with torch.no_grad():
+        hidden.mul_(30)  # logits in the hundreds: exp() would overflow without the max subtraction
+    got, entropy = linear_logprobs(hidden, weight.detach(), targets, 0.7, with_entropy=True, chunk_rows=16,
+                                   keep_logits=False)
+    (gh,) = torch.autograd.grad(got.sum(), (hidden,))
+    h64 = hidden.detach().double().requires_grad_()
+    ref_all = torch.log_softmax(h64 @ weight.detach().double().T / 0.7, -1)
+    ref = ref_all.gather(1, targets[:, None]).squeeze(1)
+    (rh,) = torch.autograd.grad(ref.sum(), (h64,))
+    assert torch.isfinite(got).all() and torch.isfinite(entropy).all()
+    assert torch.allclose(got.double(), ref, atol=1e-4) and torch.allclose(gh.double(), rh, atol=1e-4)
+    assert torch.allclose(entropy.double(), -(ref_all.exp() * ref_all).sum(-1), atol=1e-4)
+

@@ -2,6 +2,7 @@
 replace (hidden states, log-probs, values and gradients), with responses of every length (0 included); the
 sampler's log-probs against the teacher-forced ones they stand in for."""
 
+import pytest
 import torch
 
 from lmforge.chat import turn_stop_ids
@@ -66,7 +67,7 @@ def test_policy_logprobs_and_values_from_packed_rows_match_the_padded_batch():
     exp = _experience([4, 8, 6, 3], [5, 2, 7, 0], seed=2)
     actor, critic = _model("lm", seed=3).double(), _model("scalar", seed=4).double()
     m = exp.mask.bool()
-    logp, entropy = policy_logprobs(actor, exp, 0.7, with_entropy=True)
+    logp, entropy = policy_logprobs(actor, exp, 0.7, with_entropy=True, entropy_grad=True)
     ref_all = torch.log_softmax(actor.lm_head(_padded_response_hidden(actor, exp)).float() / 0.7, -1)  # fp32, as used
     ref = ref_all.gather(-1, exp.input_ids[:, exp.prompt_len:, None]).squeeze(-1)
     ref_entropy = -(ref_all.exp() * ref_all).sum(-1)
@@ -80,6 +81,24 @@ def test_policy_logprobs_and_values_from_packed_rows_match_the_padded_batch():
     values = critic_values(critic, exp)
     assert values.shape == exp.mask.shape and (values[~m] == 0).all()
     assert torch.allclose(values[m], critic.scores(_padded_response_hidden(critic, exp))[m].float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_policy_logprobs_match_the_materialised_logits(temperature):
+    """The default path (the LM head fused with the log-softmax, chunk by chunk; the entropy a statistic) gives
+    the log-probs, entropies and log-prob gradients of the path that materialises the logits (an entropy bonus)."""
+    exp = _experience([4, 8, 6, 3], [5, 2, 7, 0], seed=5)
+    actor = _model("lm", seed=6).double()
+    logp, entropy = policy_logprobs(actor, exp, temperature, with_entropy=True)
+    ref, ref_entropy = policy_logprobs(actor, exp, temperature, with_entropy=True, entropy_grad=True)
+    assert not entropy.requires_grad and ref_entropy.requires_grad and logp.requires_grad
+    assert torch.allclose(logp, ref, atol=1e-6) and torch.allclose(entropy, ref_entropy.detach(), atol=1e-6)
+    assert torch.equal(policy_logprobs(actor, exp, temperature), logp.detach())
+    weights = torch.rand(exp.mask.shape, generator=torch.Generator().manual_seed(0)) * exp.mask
+    params = [p for p in actor.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad((logp * weights).sum(), params, allow_unused=True),
+                    torch.autograd.grad((ref * weights).sum(), params, allow_unused=True)):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6)
 
 
 def test_sampler_logprobs_are_the_teacher_forced_logprobs(tok):

@@ -1,6 +1,7 @@
 """The language-modelling loss and its one ignore label: `linear_cross_entropy` (the fused LM head and loss that
-pretraining, SFT and PPO-ptx train with) and the plain versions over materialised logits (`lm_loss`,
-`token_nll`: per-token values for evaluation and the reference the fused one is tested against).
+pretraining, SFT and PPO-ptx train with), `linear_logprobs` (the fused LM head and per-token log-probs that PPO's
+and GRPO's policy losses read), and the plain versions over materialised logits (`lm_loss`, `token_nll`:
+per-token values for evaluation and the reference the fused one is tested against).
 
 Log-softmax runs in fp32 even under bf16 autocast: the loss of a large vocabulary loses precision otherwise.
 """
@@ -109,3 +110,116 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     scale = (1.0 / n.clamp(min=1).float()) if reduction == "mean" else torch.ones((), device=hidden.device)
     chunk = chunk_rows or max(64, (1 << (21 if hidden.device.type == "cpu" else 26)) // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, labels, scale, chunk)
+
+
+# linear_logprobs keeps the logits for backward up to this size, and recomputes them chunk by chunk above it
+KEEP_LOGITS_BYTES = 256 << 20
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T / temperature) at `targets`, and optionally that distribution's entropy as a
+    statistic (no gradient).
+
+    RL's counterpart of _LinearCrossEntropy. PPO's and GRPO's losses are per-token functions of these log-probs, so
+    their gradients arrive only in backward, and backward needs the softmax. The plain path (logits, a tempered
+    copy, log-softmax, and the softmax autograd keeps) peaks at ~3.4 x N x V x 4 bytes. Here:
+    - keep_logits: one (N, V) buffer holds the tempered logits; the log-sum-exp, picked log-prob and entropy run
+      over it in cache-sized chunks, and backward turns it in place into the gradient g * (one-hot - softmax)
+      for two full-size matmuls. ~1 x N x V, and faster than the plain path on a CPU (fewer passes over memory).
+    - otherwise nothing of size N x V is kept: backward recomputes each chunk's logits (one more LM-head matmul)
+      for large vocabularies whose logits would not fit.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_rows, with_entropy, keep_logits):
+        cast = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else weight.dtype
+        acc = torch.promote_types(weight.dtype, torch.float32)  # softmax and sums: fp32 at least
+        w, n = weight.to(cast), hidden.shape[0]
+        logp = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        entropy = torch.empty(n if with_entropy else 0, dtype=acc, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            kept = (hidden.to(cast) @ w.t()).to(acc) if keep_logits else None
+            if kept is not None and temperature != 1.0:
+                kept.div_(temperature)
+            for s in range(0, n, chunk_rows):
+                if kept is not None:
+                    z = kept[s:s + chunk_rows]
+                else:
+                    z = (hidden[s:s + chunk_rows].to(cast) @ w.t()).to(acc)
+                    if temperature != 1.0:
+                        z.div_(temperature)
+                top = z.amax(dim=-1, keepdim=True)
+                e = (z - top).exp_()
+                sum_e = e.sum(dim=-1, keepdim=True)
+                row_lse = (top + sum_e.log()).squeeze(1)
+                lse[s:s + chunk_rows] = row_lse
+                logp[s:s + chunk_rows] = z.gather(1, targets[s:s + chunk_rows, None]).squeeze(1) - row_lse
+                if with_entropy:  # H = -sum p (z - lse) = lse - sum p z
+                    entropy[s:s + chunk_rows] = row_lse - (e.mul_(z).sum(dim=-1) / sum_e.squeeze(1))
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.kept = kept  # an intermediate, not an input or output: on ctx (PyTorch's rule), freed by backward
+        ctx.temperature, ctx.chunk_rows, ctx.cast, ctx.keep_logits = temperature, chunk_rows, cast, keep_logits
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        kept, ctx.kept = ctx.kept, None
+        if grad_logp is None or not (need_h or need_w):
+            return None, None, None, None, None, None, None
+        if ctx.keep_logits and kept is None:
+            raise RuntimeError("linear_logprobs with keep_logits: backward runs once (its logits became the gradient)")
+        cast, acc, rows, n = ctx.cast, lse.dtype, ctx.chunk_rows, hidden.shape[0]
+        w = weight.to(cast)
+        d_hidden = torch.empty_like(hidden) if need_h else None
+        d_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
+
+        def to_grad(z, s):  # tempered logits -> g * (one-hot - softmax) / T, in place
+            g = grad_logp[s:s + rows, None].to(acc) / ctx.temperature
+            z.sub_(lse[s:s + rows, None]).exp_().mul_(-g)
+            return z.scatter_add_(1, targets[s:s + rows, None], g)
+
+        def fold(grad, h, s):  # into d(hidden) and d(weight)
+            if need_h:
+                d_hidden[s:s + len(grad)] = grad @ w
+            if need_w:
+                if cast == acc:
+                    d_weight.addmm_(grad.t(), h)
+                else:
+                    d_weight.add_((grad.t() @ h).to(acc))
+
+        with torch.autocast(hidden.device.type, enabled=False):
+            if kept is not None:
+                for s in range(0, n, rows):
+                    to_grad(kept[s:s + rows], s)
+                fold(kept.to(cast), hidden.to(cast), 0)
+            else:
+                for s in range(0, n, rows):
+                    h = hidden[s:s + rows].to(cast)
+                    z = (h @ w.t()).to(acc)
+                    if ctx.temperature != 1.0:
+                        z.div_(ctx.temperature)
+                    fold(to_grad(z, s).to(cast), h, s)
+        return d_hidden, d_weight.to(weight.dtype) if need_w else None, None, None, None, None, None
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    with_entropy: bool = False, chunk_rows: int = 0, keep_logits: bool | None = None):
+    """Log-probs (N,) of `targets` (N,) under softmax(hidden @ weight.T / temperature), hidden (N, d), weight
+    (V, d); with_entropy: also the entropy (N,) of that distribution, without a gradient (a statistic). The same
+    values and gradients as `rl_utils.logprobs_from_logits(hidden @ weight.T, ...)` without materialising the
+    logits more than once (see _LinearLogprobs). chunk_rows as in linear_cross_entropy. keep_logits: one (N, V)
+    buffer of logits for backward, or recompute them chunk by chunk (None: keep them when a gradient is wanted and
+    they take at most KEEP_LOGITS_BYTES)."""
+    chunk = chunk_rows or max(64, (1 << (21 if hidden.device.type == "cpu" else 26)) // weight.shape[0])
+    if keep_logits is None:
+        wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        keep_logits = wants_grad and hidden.shape[0] * weight.shape[0] * 4 <= KEEP_LOGITS_BYTES
+    logp, entropy = _LinearLogprobs.apply(hidden, weight, targets, float(temperature), chunk, with_entropy,
+                                          keep_logits)
+    return (logp, entropy) if with_entropy else logp

@@ -21,6 +21,7 @@ from lmforge import cpu_threads
 from lmforge.chat import turn_stop_ids
 from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingParams, generate, left_pad
+from lmforge.losses import linear_logprobs
 from lmforge.model import Transformer
 from lmforge.packing import pack_batch
 from lmforge.prompts import Prompt, encode_prompts, read_prompts
@@ -142,12 +143,19 @@ def scatter_response(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def policy_logprobs(model: Transformer, exp: Experience, temperature: float, with_entropy: bool = False):
+def policy_logprobs(model: Transformer, exp: Experience, temperature: float, with_entropy: bool = False,
+                    entropy_grad: bool = False):
     """Teacher-forced log-probs (and entropy) of the response tokens under softmax(logits / temperature): (B, R),
-    zeros past each response's end."""
+    zeros past each response's end. The LM head and log-softmax run fused, chunk by chunk (losses.linear_logprobs),
+    with the entropy a statistic; entropy_grad=True (an entropy bonus in the loss) materialises the logits instead,
+    so the entropy has a gradient too."""
     m = exp.mask.bool()
-    out = logprobs_from_logits(model.lm_head(response_hidden(model, exp)), exp.response_ids[m], temperature,
-                               with_entropy)
+    hidden = response_hidden(model, exp)
+    if with_entropy and entropy_grad:
+        out = logprobs_from_logits(model.lm_head(hidden), exp.response_ids[m], temperature, with_entropy=True)
+    else:
+        out = linear_logprobs(hidden, model.lm_head.weight, exp.response_ids[m], temperature, with_entropy)
+        out = tuple(x.float() for x in out) if with_entropy else out.float()  # fp32, as logprobs_from_logits
     return tuple(scatter_response(x, m) for x in out) if with_entropy else scatter_response(out, m)
 
 

@@ -282,7 +282,8 @@ class PPOTrainer(RLTrainer):
 
         def loss_and_stats(i: int, mb: Experience):
             with autocast(self.device):
-                logp, entropy = policy_logprobs(self.actor, mb, cfg.temperature, with_entropy=True)
+                logp, entropy = policy_logprobs(self.actor, mb, cfg.temperature, with_entropy=True,
+                                                entropy_grad=bool(cfg.entropy_coef))
                 ptx = self.ptx_loss(ptx_batches[i].to(self.device)) if ptx_batches else None
             pg, ratio, clipped = clipped_surrogate(logp, mb.logprobs, mb.advantages, cfg.clip_range,
                                                    cfg.log_ratio_clip)
