@@ -146,9 +146,9 @@ def scatter_response(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def policy_logprobs(model: Transformer, exp: Experience, temperature: float, with_entropy: bool = False,
                     entropy_grad: bool = False):
     """Teacher-forced log-probs (and entropy) of the response tokens under softmax(logits / temperature): (B, R),
-    zeros past each response's end. The LM head and log-softmax run fused, chunk by chunk (losses.linear_logprobs),
-    with the entropy a statistic; entropy_grad=True (an entropy bonus in the loss) materialises the logits instead,
-    so the entropy has a gradient too."""
+    zeros past each response's end. The LM head and log-softmax run fused (losses.linear_logprobs: one logits
+    buffer at most), with the entropy a statistic; entropy_grad=True (an entropy bonus in the loss) takes the plain
+    path over materialised logits instead, so the entropy has a gradient too."""
     m = exp.mask.bool()
     hidden = response_hidden(model, exp)
     if with_entropy and entropy_grad:
