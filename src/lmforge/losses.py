@@ -89,6 +89,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 d_weight * grad_out if d_weight is not None else None, None, None, None)
 
 
+def _chunk_rows(hidden: torch.Tensor, weight: torch.Tensor, chunk_rows: int) -> int:
+    """Rows of logits per chunk: chunk_rows, or about 8 MB of fp32 logits on a CPU (they stay in cache), 256 MB on
+    a GPU (fewer, larger kernels)."""
+    return chunk_rows or max(64, (1 << (21 if hidden.device.type == "cpu" else 26)) // weight.shape[0])
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          reduction: str = "mean", chunk_rows: int = 0) -> torch.Tensor:
     """Cross-entropy of the LM head `weight` (V, d) applied to `hidden` (..., d) against `labels` (...), over the
@@ -108,7 +114,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if not torch.compiler.is_compiling() and int(n) < len(labels):
         hidden, labels = hidden[keep], labels[keep]
     scale = (1.0 / n.clamp(min=1).float()) if reduction == "mean" else torch.ones((), device=hidden.device)
-    chunk = chunk_rows or max(64, (1 << (21 if hidden.device.type == "cpu" else 26)) // weight.shape[0])
+    chunk = _chunk_rows(hidden, weight, chunk_rows)
     return _LinearCrossEntropy.apply(hidden, weight, labels, scale, chunk)
 
 
@@ -216,7 +222,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     logits more than once (see _LinearLogprobs). chunk_rows as in linear_cross_entropy. keep_logits: one (N, V)
     buffer of logits for backward, or recompute them chunk by chunk (None: keep them when a gradient is wanted and
     they take at most KEEP_LOGITS_BYTES)."""
-    chunk = chunk_rows or max(64, (1 << (21 if hidden.device.type == "cpu" else 26)) // weight.shape[0])
+    chunk = _chunk_rows(hidden, weight, chunk_rows)
     if keep_logits is None:
         wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
         keep_logits = wants_grad and hidden.shape[0] * weight.shape[0] * 4 <= KEEP_LOGITS_BYTES
